@@ -1,0 +1,140 @@
+"""The Llama-3 family as a megatron-core GPTModel, composed from layer specs (never forked modules).
+
+Llama-3: RMSNorm (pre-norm), SwiGLU MLP, grouped-query attention, RoPE with a configurable base, untied
+input/output embeddings, no biases. The layer spec is chosen by platform: TransformerEngine's fused modules
+when TE imports, megatron-core's local modules otherwise (CPU, or a GPU without TE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules, get_num_layers_to_build
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Llama-3 model; defaults are Llama-3-8B (REFERENCE.md section 1)."""
+
+    num_layers: int = 32
+    hidden_size: int = 4096
+    ffn_hidden_size: int = 14336
+    num_attention_heads: int = 32
+    num_query_groups: int = 8
+    vocab_size: int = 128256
+    rope_base: float = 500000.0
+    norm_eps: float = 1e-5
+    max_position_embeddings: int = 8192
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # an empty meta-package, or a build without CUDA, fails in various ways
+        return False
+    return torch.cuda.is_available()
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm with megatron's norm constructor signature, usable under sequence parallelism.
+
+    megatron's ``WrappedTorchNorm`` refuses sequence parallelism. The norm itself is per token, so it is
+    correct on a sequence shard; its weight's gradient is a partial sum per shard, which megatron's DDP
+    all-reduces over the tensor-parallel group when the parameter carries ``sequence_parallel=True``.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps, device=None, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def transformer_config(model: ModelConfig, **parallel_and_runtime) -> TransformerConfig:
+    """megatron-core's TransformerConfig for ``model``; keyword args add the parallel layout, dtype, etc."""
+    use_te = have_transformer_engine()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        # fusions that need TE or apex kernels
+        bias_activation_fusion=use_te,
+        bias_dropout_fusion=use_te,
+        apply_rope_fusion=use_te,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
+        **parallel_and_runtime,
+    )
+
+
+def layer_spec(config: TransformerConfig) -> ModuleSpec:
+    """The Llama decoder layer: TE's fused modules when available, megatron-core's local ones otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if have_transformer_engine():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    submodules = dataclasses.replace(spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm)
+    return ModuleSpec(module=spec.module, params=spec.params, submodules=submodules)
+
+
+def decoder_block_spec(config: TransformerConfig, vp_stage: int | None = None) -> ModuleSpec:
+    """The layers of this pipeline stage plus the final norm."""
+    layer = layer_spec(config)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    final_norm = None
+    if not have_transformer_engine():
+        final_norm = RMSNorm
+    else:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm),
+    )
+
+
+def build_model(
+    model: ModelConfig,
+    config: TransformerConfig,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """One pipeline stage (or the whole model) of the Llama GPTModel on the current device."""
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(config, vp_stage),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=model.rope_base,
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,1 @@
+"""Where the process runs: device selection, process groups, and megatron-core on CPU."""

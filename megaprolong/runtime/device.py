@@ -1,0 +1,62 @@
+"""Device selection and process-group start-up, in one place.
+
+On a GPU machine: NCCL and ``cuda:LOCAL_RANK``. Without CUDA: gloo, the CPU, and megatron-core's CUDA
+assumptions patched by :mod:`megaprolong.runtime.cpu_compat`. Everything else in megaprolong asks
+:func:`device` instead of naming a device.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from megaprolong.runtime import cpu_compat
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device this process computes on."""
+    if has_cuda():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_minutes: int = 30) -> None:
+    """Start torch.distributed from the launcher's environment (torchrun or srun), or as a 1-rank world.
+
+    Long context-parallel steps can keep a collective waiting for minutes: the timeout is configurable.
+    """
+    if not has_cuda():
+        cpu_compat.apply()
+    if dist.is_initialized():
+        return
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if world > 1:
+            raise RuntimeError("MASTER_PORT is not set: launch with torchrun, or srun with MASTER_ADDR/PORT exported")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    if has_cuda():
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(
+        backend="nccl" if has_cuda() else "gloo",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,37 @@
+"""megaprolong: continue Llama-3 pre-training to 512K context with the ProLong recipe on megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megaprolong",
+    version="0.1.0",
+    description="ProLong long-context continued pre-training on megatron-core",
+    python_requires=">=3.12",
+    packages=find_packages(include=["megaprolong", "megaprolong.*", "tools", "tools.*"]),
+    install_requires=[
+        # NVIDIA's containers bring their own torch: a range, never a pin (constraints.txt pins for CI).
+        "torch>=2.6",
+        "megatron-core>=0.19,<0.20",
+        "numpy",
+        "pyyaml",
+        "psutil",  # megatron-core's checkpoint writer needs it but does not declare it
+        "packaging",
+        "tokenizers",
+        "tqdm",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        "mpi": ["mpi4py"],
+        "hf": ["transformers>=4.45", "safetensors"],
+        "dev": ["pytest", "pytest-timeout", "transformers>=4.45", "safetensors"],
+    },
+    entry_points={
+        "console_scripts": [
+            "megaprolong-train=tools.train:main",
+            "megaprolong-preprocess=tools.preprocess_data:main",
+            "megaprolong-convert=tools.convert:main",
+            "megaprolong-sft=tools.sft:main",
+            "megaprolong-eval=tools.eval:main",
+        ]
+    },
+)
