@@ -112,11 +112,12 @@ def apply() -> None:
         raise RuntimeError("cpu_compat.apply() called on a machine with CUDA; it is only for CPU runs")
 
     cuda = torch.cuda
-    cuda.current_device = lambda: 0
+    # a device object, not an index: code in backward passes runs outside the torch-function mode
+    cuda.current_device = lambda: torch.device("cpu")
     cuda.set_device = lambda *a, **k: None
     cuda.synchronize = lambda *a, **k: None
-    cuda.manual_seed = torch.manual_seed
-    cuda.manual_seed_all = torch.manual_seed
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly
+    cuda.manual_seed = cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
     cuda.get_rng_state = _cpu_rng_state
     cuda.set_rng_state = _set_cpu_rng_state
     cuda.random.get_rng_state = _cpu_rng_state

@@ -1,0 +1,111 @@
+"""The training recipe: one dataclass tree, loaded from YAML with ``key=value`` overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megaprolong.config import ConfigError
+from megaprolong.model.llama import ModelConfig
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor parallel
+    pp: int = 1  # pipeline parallel
+    vpp: int | None = None  # virtual pipeline stages per pipeline rank (interleaved schedule)
+    cp: int = 1  # context parallel
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
+
+    def dp(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp * self.cp)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 5000
+    seed: int = 1234
+    seq_length: int = 65536
+    global_batch_size: int = 64  # sequences per optimizer step
+    micro_batch_size: int = 1
+    precision: Literal["bf16", "fp32"] = "bf16"
+    recompute: Literal["none", "full", "selective"] = "full"
+    dist_timeout_minutes: int = 30
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW + linear warmup + cosine decay, ProLong's numbers (REFERENCE.md section 1)."""
+
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr
+    warmup_fraction: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    prefix: str | None = None  # a Megatron indexed dataset (PREFIX.bin / PREFIX.idx)
+
+
+@dataclass
+class LoggingConfig:
+    metrics_file: str | None = None  # JSONL, one object per step
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Check the layout before any process group starts; the message names the offending keys."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    problems = []
+    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp)):
+        if value < 1:
+            problems.append(f"{key}={value} must be >= 1")
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        problems.append(f"world size {world_size} is not divisible by parallel.tp*parallel.pp*parallel.cp = {model_parallel}")
+    if m.num_attention_heads % p.tp:
+        problems.append(f"model.num_attention_heads={m.num_attention_heads} not divisible by parallel.tp={p.tp}")
+    if m.num_query_groups % p.tp:
+        problems.append(f"model.num_query_groups={m.num_query_groups} not divisible by parallel.tp={p.tp}")
+    if m.num_attention_heads % m.num_query_groups:
+        problems.append(f"model.num_attention_heads={m.num_attention_heads} not divisible by model.num_query_groups={m.num_query_groups}")
+    if m.ffn_hidden_size % p.tp:
+        problems.append(f"model.ffn_hidden_size={m.ffn_hidden_size} not divisible by parallel.tp={p.tp}")
+    stages = p.pp * (p.vpp or 1)
+    if m.num_layers % stages:
+        problems.append(f"model.num_layers={m.num_layers} not divisible by parallel.pp*parallel.vpp={stages}")
+    if p.vpp is not None and p.pp < 2:
+        problems.append("parallel.vpp needs parallel.pp >= 2")
+    if p.sequence_parallel and p.tp < 2:
+        problems.append("parallel.sequence_parallel needs parallel.tp >= 2")
+    seq_multiple = (2 * p.cp if p.cp > 1 else 1) * (p.tp if p.sequence_parallel else 1)
+    if t.seq_length % seq_multiple:
+        problems.append(f"train.seq_length={t.seq_length} not divisible by {seq_multiple} "
+                        f"(2*parallel.cp*parallel.tp with context/sequence parallelism)")
+    dp = p.dp(world_size) if not world_size % model_parallel else 1
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        problems.append(f"train.global_batch_size={t.global_batch_size} not divisible by "
+                        f"train.micro_batch_size*data-parallel size = {t.micro_batch_size}*{dp}")
+    if not 0 <= cfg.optimizer.warmup_fraction <= 1:
+        problems.append(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction} must be in [0, 1]")
+    if t.steps < 1:
+        problems.append(f"train.steps={t.steps} must be >= 1")
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
