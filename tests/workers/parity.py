@@ -1,0 +1,78 @@
+"""Train a tiny Llama for 3 steps under a parallel layout and save what must match the 1-rank run.
+
+Usage (under torchrun): parity.py OUT.pt INIT.pt [key=value ...]
+If INIT.pt does not exist (the 1-rank reference), this run's initial weights are saved there; otherwise
+they are loaded from it, so every layout starts from the same weights.
+Saved: losses and grad norms of each step, full gradients of step 1, full parameters after step 3.
+"""
+
+import os
+import sys
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+from megaprolong.config import load_config
+from megaprolong.data.packing import make_sample, pack_documents
+from megaprolong.model.state import gather_full, load_full
+from megaprolong.training.config import Config
+from megaprolong.training.trainer import Trainer
+
+TINY = ["model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
+        "model.num_query_groups=2", "model.vocab_size=256", "train.seq_length=32", "train.global_batch_size=8",
+        "train.micro_batch_size=1", "train.steps=3", "train.precision=fp32", "train.recompute=none",
+        "optimizer.lr=1e-2", "optimizer.clip_grad=1.0", "optimizer.warmup_fraction=0.0",
+        # eps well above the gradient noise of a different summation order, so that Adam updates
+        # (~lr * g / (|g| + eps)) compare tightly across layouts
+        "optimizer.eps=1e-3"]
+
+
+def batches(n_steps: int, gbs: int, seq: int):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 256, size=n) for n in rng.integers(3, 50, size=200)]
+    seqs = pack_documents(np.array([len(d) for d in docs]), np.arange(len(docs)), seq)
+    samples = [make_sample(s, lambda d, a, b: docs[d][a:b]) for s in seqs]
+    return [samples[i * gbs:(i + 1) * gbs] for i in range(n_steps)]
+
+
+def all_gather_grad_shards(model_chunks) -> None:
+    """After a reduce-scatter each data-parallel rank holds only its shard of the reduced gradients;
+    gather the shards back into every bucket (as the distributed optimizer does for parameters)."""
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    for chunk in model_chunks:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            for bucket in buffer.buckets:
+                shards = shard_buffer(bucket.grad_data, dist.get_world_size(group))
+                dist.all_gather_into_tensor(bucket.grad_data, shards[dist.get_rank(group)].clone(), group=group)
+
+
+def main(out: str, init: str, overrides: list[str]) -> None:
+    cfg = load_config(Config, None, TINY + overrides)
+    trainer = Trainer(cfg)
+    if os.path.exists(init):
+        load_full(trainer.model, torch.load(init))
+    else:
+        state = gather_full(trainer.model)
+        if dist.get_rank() == 0:
+            torch.save(state, init)
+    result = {"loss": [], "grad_norm": []}
+    for step, batch in enumerate(batches(cfg.train.steps, cfg.train.global_batch_size, cfg.train.seq_length)):
+        reports = trainer.forward_backward(batch)
+        if step == 0:
+            if cfg.parallel.distributed_optimizer:
+                all_gather_grad_shards(trainer.model)
+            result["grads"] = gather_full(trainer.model, grads=True)
+        grad_norm, _ = trainer.optimizer_step()
+        loss, _ = trainer._global_loss(reports)
+        result["loss"].append(loss)
+        result["grad_norm"].append(grad_norm)
+    result["params"] = gather_full(trainer.model)
+    if dist.get_rank() == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
