@@ -18,6 +18,8 @@ setup(
         "packaging",
         "tokenizers",
         "tqdm",
+        "zstandard",  # .jsonl.zst inputs
+        "pyarrow",  # parquet inputs
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],

@@ -1,0 +1,34 @@
+"""Silence the start-up messages megatron-core and torch print on every rank that say nothing actionable
+here (missing TE/apex on CPU is expected, GPTModel's deprecation notice, CPU-irrelevant CUDA advice).
+Only these exact messages are filtered; every other warning still shows."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+_MESSAGES = [
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed",
+    r"absl\.logging is not installed",
+    r"MimoModelConfig is experimental",
+    r"full scope is deprecated",
+    r"When using sequence parallelism it is recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS",
+    r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor|_all_gather_base|_reduce_scatter_base)` is deprecated",
+    r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+]
+_LOG_MESSAGES = ("GPTModel IS DEPRECATED", "full_param_layout not provided", "No CUDA runtime is found")
+
+
+class _DropMessages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(m in msg for m in _LOG_MESSAGES)
+
+
+def silence_known_noise() -> None:
+    for pattern in _MESSAGES:
+        warnings.filterwarnings("ignore", message=f".*{pattern}")
+    for name in ("torch.utils.cpp_extension", "megatron.core.models.gpt.gpt_model",
+                 "megatron.core.distributed.distributed_data_parallel"):
+        logging.getLogger(name).addFilter(_DropMessages())

@@ -1,0 +1,62 @@
+"""``megaprolong-train --config RECIPE.yaml [key=value ...]``: train under torchrun or srun."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from megaprolong.config import ConfigError, load_config
+from megaprolong.training.config import Config
+
+
+def _config_keys(cls, prefix: str = "") -> list[str]:
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            lines += _config_keys(type(default), prefix + f.name + ".")
+        else:
+            lines.append(f"  {prefix + f.name} (default: {default})")
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="megaprolong-train",
+        description="Train a megatron-core Llama with the ProLong recipe. Launch with torchrun or srun; "
+                    "the parallel layout (parallel.tp/pp/cp) must divide the world size.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (set in the YAML file or as key=value overrides):\n" + "\n".join(_config_keys(Config)),
+    )
+    parser.add_argument("--config", help="recipe YAML file (see examples/); omitted: all defaults")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="override a config key, e.g. parallel.tp=2 train.steps=10 (values parsed as YAML)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(Config, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"megaprolong-train: {e}", file=sys.stderr)
+        return 2
+    if not cfg.data.prefix:
+        print("megaprolong-train: data.prefix is not set (an indexed dataset PREFIX with .bin/.idx)", file=sys.stderr)
+        return 2
+    # Imported late: --help and config errors should not pay megatron-core's import time.
+    from megaprolong.data.dataset import PackedDataset
+    from megaprolong.training.trainer import run
+
+    try:
+        dataset = PackedDataset(cfg.data.prefix, cfg.train.seq_length, cfg.train.seed)
+        run(cfg, dataset)
+    except ConfigError as e:
+        print(f"megaprolong-train: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Raw text -> .bin/.idx: exact token ids, every input format, bad input, atomic output."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from tokenizers import Tokenizer
+
+from megaprolong.data.preprocess import PreprocessConfig, preprocess
+from megaprolong.data.readers import DataError
+from megaprolong.data.tiny import write_jsonl
+
+
+def run(tmp_path, tok, inputs, **kw):
+    prefix = tmp_path / "out" / "ds"
+    report = preprocess(PreprocessConfig(inputs=[str(p) for p in inputs], tokenizer=str(tok),
+                                         output_prefix=str(prefix), quiet=True, **kw))
+    return prefix, report
+
+
+def expected_ids(tok_dir, texts):
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    return [tok.encode(t, add_special_tokens=False).ids for t in texts]
+
+
+def documents(prefix):
+    ds = IndexedDataset(str(prefix))
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+def test_round_trip_equals_tokenizers(tmp_path, tiny_corpus, tiny_tokenizer):
+    src = write_jsonl(tiny_corpus, tmp_path / "in.jsonl")
+    prefix, report = run(tmp_path, tiny_tokenizer, [src])
+    assert documents(prefix) == expected_ids(tiny_tokenizer, [d["text"] for d in tiny_corpus])
+    assert report["documents"] == len(tiny_corpus) and report["dropped"] == {}
+    assert IndexedDataset(str(prefix)).index.dtype == np.uint16  # vocab < 65,500
+    meta = json.loads(prefix.with_suffix(".json").read_text())
+    assert meta["tokens"] == sum(map(len, documents(prefix))) and len(meta["tokenizer_sha256"]) == 64
+
+
+def test_gz_zst_parquet_equal_plain(tmp_path, tiny_corpus, tiny_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    plain = write_jsonl(tiny_corpus, tmp_path / "in.jsonl")
+    gz = tmp_path / "in.jsonl.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    zst = tmp_path / "in.jsonl.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+    parquet = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(tiny_corpus), parquet)
+    want = expected_ids(tiny_tokenizer, [d["text"] for d in tiny_corpus])
+    for src in (gz, zst, parquet):
+        prefix, _ = run(tmp_path, tiny_tokenizer, [src])
+        assert documents(prefix) == want, src.name
+
+
+def test_bos_eos_min_tokens_group_by(tmp_path, tiny_tokenizer):
+    docs = [{"text": "def a(x): return x", "repo": "r1"}, {"text": "hello", "repo": "r2"},
+            {"text": "def b(y): return y", "repo": "r1"}]
+    src = write_jsonl(docs, tmp_path / "in.jsonl")
+    tok = Tokenizer.from_file(str(tiny_tokenizer / "tokenizer.json"))
+    bos, eos = tok.token_to_id("<|begin_of_text|>"), tok.token_to_id("<|end_of_text|>")
+    prefix, _ = run(tmp_path, tiny_tokenizer, [src], add_bos=True, add_eos=True)
+    assert documents(prefix)[1] == [bos] + expected_ids(tiny_tokenizer, ["hello"])[0] + [eos]
+
+    prefix, report = run(tmp_path, tiny_tokenizer, [src], group_by="repo", group_separator="\n#\n")
+    assert documents(prefix) == expected_ids(tiny_tokenizer, [docs[0]["text"] + "\n#\n" + docs[2]["text"], "hello"])
+
+    n_hello = len(expected_ids(tiny_tokenizer, ["hello"])[0])
+    prefix, report = run(tmp_path, tiny_tokenizer, [src], group_by="repo", min_tokens=n_hello + 1)
+    assert len(documents(prefix)) == 1 and report["dropped"] == {"min_tokens": 1}
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "ok"}\n{"text": "broken\n', r"in\.jsonl:2: malformed JSON"),
+    (b'{"text": "ok"}\n{"other": 1}\n', r"in\.jsonl:2: missing text key 'text'"),
+    (b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', r"in\.jsonl:2: not valid UTF-8"),
+    (b'[1, 2]\n', r"in\.jsonl:1: expected a JSON object"),
+])
+def test_bad_records_name_file_and_line(tmp_path, tiny_tokenizer, content, message):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        run(tmp_path, tiny_tokenizer, [src])
+    assert not list((tmp_path / "out").iterdir()), "nothing half-written is left behind"
+    prefix, report = run(tmp_path, tiny_tokenizer, [src], skip_bad=True)
+    assert report["dropped"] == {"bad_record": 1}
+    assert report["documents"] == (0 if content.startswith(b"[") else 1)
+
+
+def test_truncated_gz_and_missing_paths(tmp_path, tiny_corpus, tiny_tokenizer):
+    plain = write_jsonl(tiny_corpus, tmp_path / "in.jsonl")
+    gz = tmp_path / "cut.jsonl.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes())[:-200])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz:\d+: truncated or corrupt"):
+        run(tmp_path, tiny_tokenizer, [gz])
+    with pytest.raises(DataError, match="tokenizer not found"):
+        run(tmp_path, tmp_path / "no-tokenizer", [plain])
+    with pytest.raises(DataError, match="does not exist"):
+        run(tmp_path, tiny_tokenizer, [tmp_path / "missing.jsonl"])
+
+
+def test_cli_exit_code_and_message(tmp_path, tiny_tokenizer):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"text": "ok"}\nnot json\n')
+    out = subprocess.run([sys.executable, "-m", "tools.preprocess_data", "--input", str(src), "--tokenizer",
+                          str(tiny_tokenizer), "--output-prefix", str(tmp_path / "o" / "x"), "--quiet"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "in.jsonl:2: malformed JSON" in out.stderr
