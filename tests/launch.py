@@ -11,9 +11,11 @@ WORKERS = Path(__file__).parent / "workers"
 
 
 def torchrun(worker: str, nproc: int, *args: str, timeout: int = 180) -> str:
-    """Run ``tests/workers/<worker>`` on ``nproc`` ranks; return its output, fail the test with it otherwise."""
+    """Run ``tests/workers/<worker>`` (a .py name) or a module (``megaprolong.train``) on ``nproc`` ranks;
+    return its output, fail the test with the failing rank's traceback otherwise."""
+    target = [str(WORKERS / worker)] if worker.endswith(".py") else ["-m", worker]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(WORKERS / worker), *args]
+           *target, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
