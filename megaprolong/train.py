@@ -35,6 +35,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def build_dataset(cfg: Config):
+    """The run's data: a mix of domains, or one dataset of short documents."""
+    import os
+
+    from megaprolong.data.dataset import MixDataset, load_mix, single_domain
+
+    total = cfg.train.steps * cfg.train.global_batch_size
+    if cfg.data.mix:
+        spec = load_mix(cfg.data.mix, cfg.data.root)
+        if spec.seq_length != cfg.train.seq_length:
+            raise ConfigError(f"data.mix has seq_length {spec.seq_length}, train.seq_length is {cfg.train.seq_length}")
+        cache = cfg.data.cache_dir or os.path.join(os.path.dirname(spec.domains[0].prefix), ".megaprolong_cache")
+        return MixDataset(spec, total, cfg.train.seed, cache)
+    cache = cfg.data.cache_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.data.prefix)), ".megaprolong_cache")
+    return single_domain(cfg.data.prefix, cfg.train.seq_length, total, cfg.train.seed, cache)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -42,16 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"megaprolong-train: {e}", file=sys.stderr)
         return 2
-    if not cfg.data.prefix:
-        print("megaprolong-train: data.prefix is not set (an indexed dataset PREFIX with .bin/.idx)", file=sys.stderr)
+    if not cfg.data.prefix and not cfg.data.mix:
+        print("megaprolong-train: set data.mix (a mix YAML) or data.prefix (an indexed dataset PREFIX)",
+              file=sys.stderr)
         return 2
     # Imported late: --help and config errors should not pay megatron-core's import time.
-    from megaprolong.data.dataset import PackedDataset
     from megaprolong.training.trainer import run
 
     try:
-        dataset = PackedDataset(cfg.data.prefix, cfg.train.seq_length, cfg.train.seed)
-        run(cfg, dataset)
+        run(cfg, build_dataset(cfg))
     except ConfigError as e:
         print(f"megaprolong-train: {e}", file=sys.stderr)
         return 2

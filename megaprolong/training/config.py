@@ -50,7 +50,10 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    prefix: str | None = None  # a Megatron indexed dataset (PREFIX.bin / PREFIX.idx)
+    mix: str | None = None  # a mix YAML (domains, weights, packing), see examples/mixes/
+    root: str | None = None  # where the mix's relative prefixes live (default: the mix file's folder)
+    prefix: str | None = None  # or a single indexed dataset (PREFIX.bin / PREFIX.idx) of short documents
+    cache_dir: str | None = None  # packed-index cache (default: PREFIX's folder/.megaprolong_cache)
 
 
 @dataclass

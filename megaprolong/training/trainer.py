@@ -27,7 +27,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from megaprolong.data.packing import Sample
+from megaprolong.data.packing import Sample, balance_micro_batches
 from megaprolong.model.llama import build_model, transformer_config
 from megaprolong.runtime.device import device, init_distributed
 from megaprolong.training.config import Config, validate
@@ -167,6 +167,7 @@ class Trainer:
     def _micro_batches(self, global_batch: list[Sample]) -> list[dict[str, torch.Tensor]]:
         """This data-parallel rank's slice of the global batch, as micro-batch tensors on the device."""
         mbs = self.cfg.train.micro_batch_size
+        global_batch = balance_micro_batches(global_batch, self.dp_size, mbs)
         per_rank = len(global_batch) // self.dp_size
         mine = global_batch[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
         batches = []

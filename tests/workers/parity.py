@@ -32,8 +32,8 @@ TINY = ["model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=128
 def batches(n_steps: int, gbs: int, seq: int):
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 256, size=n) for n in rng.integers(3, 50, size=200)]
-    seqs = pack_documents(np.array([len(d) for d in docs]), np.arange(len(docs)), seq)
-    samples = [make_sample(s, lambda d, a, b: docs[d][a:b]) for s in seqs]
+    index = pack_documents(np.array([len(d) for d in docs]), np.arange(len(docs)), seq)
+    samples = [make_sample(index.segments(i), lambda d, a, b: docs[d][a:b]) for i in range(len(index))]
     return [samples[i * gbs:(i + 1) * gbs] for i in range(n_steps)]
 
 
