@@ -78,3 +78,22 @@ def test_load_mix_resolves_relative_prefixes(tmp_path):
     spec = load_mix(str(tmp_path / "mix.yaml"))
     assert spec.domains[0].prefix == str(tmp_path / "data" / "web")
     assert load_mix(str(tmp_path / "mix.yaml"), "/data").domains[0].prefix == "/data/data/web"
+
+
+def test_shipped_prolong_mixes_have_reference_weights():
+    from pathlib import Path
+
+    from megaprolong.config import load_config
+
+    ex = Path(__file__).resolve().parent.parent / "examples" / "mixes"
+    s1 = load_config(MixSpec, ex / "prolong_stage1.yaml")
+    assert s1.seq_length == 65536 and abs(sum(d.weight for d in s1.domains) - 1) < 1e-9
+    w1 = {d.name: d.weight for d in s1.domains}
+    assert w1["code_repos"] == 0.30 and w1["books"] == 0.30 and w1["fineweb_edu"] == 0.10
+    s2 = load_config(MixSpec, ex / "prolong_stage2.yaml")
+    assert s2.seq_length == 524288 and abs(sum(d.weight for d in s2.domains) - 1) < 1e-9
+    w2 = {d.name: (d.weight, d.chunk) for d in s2.domains}
+    assert w2["code_repos_512k"] == (0.15, 524288) and w2["code_repos_64k"] == (0.15, 65536)
+    assert w2["books_512k"] == (0.05, 524288) and w2["books_64k"] == (0.25, 65536)
+    short = [d.weight for d in s2.domains if d.chunk is None and d.name != "textbooks"]
+    assert abs(sum(short) - 0.37) < 1e-9
