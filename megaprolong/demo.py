@@ -1,9 +1,10 @@
 """``make demo``: the whole pipeline at tiny scale on a CPU.
 
 1. build a small multi-domain corpus and a byte-level BPE tokenizer (HF ``tokenizers``);
-2. preprocess the corpus into a Megatron indexed dataset (``megaprolong-preprocess``);
+2. preprocess each domain (books, code grouped by repository, web) into a Megatron indexed dataset;
 3. train a tiny Llama with tensor parallelism (TP=2 + sequence parallel) on 2 gloo ranks under torchrun
-   (``megaprolong-train --config examples/tiny_stage1.yaml``), printing each step's loss.
+   (``megaprolong-train --config examples/tiny_stage1.yaml``) on ProLong's mix shape (long documents as
+   single-document chunks, short documents packed), printing each step's loss.
 """
 
 from __future__ import annotations
@@ -41,17 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     tok = train_tokenizer([d["text"] for d in docs], work / "tokenizer", vocab_size=512)
     print(f"{len(docs)} documents -> {corpus}; tokenizer -> {tok}")
 
-    _step("2/3 preprocess to a Megatron indexed dataset")
-    report = preprocess(PreprocessConfig(inputs=[str(corpus)], tokenizer=str(tok.parent),
-                                         output_prefix=str(work / "data" / "corpus"), add_eos=True, quiet=True))
-    print(f"{report['documents']} documents, {report['tokens']:,} tokens -> {work / 'data' / 'corpus'}.bin/.idx")
+    _step("2/3 preprocess each domain to a Megatron indexed dataset")
+    for domain, extra in (("books", {}), ("code", {"group_by": "repo"}), ("web", {})):
+        src = write_jsonl([d for d in docs if d["domain"] == domain], work / f"{domain}.jsonl")
+        report = preprocess(PreprocessConfig(inputs=[str(src)], tokenizer=str(tok.parent), quiet=True,
+                                             output_prefix=str(work / "data" / domain), add_eos=True, **extra))
+        print(f"{domain:>5}: {report['documents']:>4} documents, {report['tokens']:>7,} tokens -> "
+              f"{work / 'data' / domain}.bin/.idx" + (" (files grouped by repository)" if extra else ""))
 
     _step("3/3 train a tiny Llama, TP=2 + sequence parallel, 2 gloo ranks")
     metrics = work / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "megaprolong.train", "--config", str(REPO / "examples" / "tiny_stage1.yaml"),
-           f"data.prefix={work / 'data' / 'corpus'}", f"train.steps={args.steps}",
+           f"data.mix={REPO / 'examples' / 'mixes' / 'tiny_stage1.yaml'}", f"data.root={work / 'data'}",
+           f"train.steps={args.steps}",
            f"logging.metrics_file={metrics}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, env=env)
