@@ -20,6 +20,7 @@ setup(
         "tqdm",
         "zstandard",  # .jsonl.zst inputs
         "pyarrow",  # parquet inputs
+        "gigatoken",  # fast exact BPE tokenization (checked against tokenizers at start-up)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],

@@ -113,3 +113,68 @@ def test_cli_exit_code_and_message(tmp_path, tiny_tokenizer):
                           str(tiny_tokenizer), "--output-prefix", str(tmp_path / "o" / "x"), "--quiet"],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "in.jsonl:2: malformed JSON" in out.stderr
+
+
+def test_fast_tokenizer_is_used_only_when_it_agrees(tmp_path, tiny_corpus, tiny_tokenizer, monkeypatch, capsys):
+    src = write_jsonl(tiny_corpus, tmp_path / "in.jsonl")
+    want = expected_ids(tiny_tokenizer, [d["text"] for d in tiny_corpus])
+    _, report = run(tmp_path, tiny_tokenizer, [src])
+    assert report["tokenizer_backend"] == "gigatoken"
+    import gigatoken
+
+    real = gigatoken.Tokenizer.encode_batch_list
+    monkeypatch.setattr(gigatoken.Tokenizer, "encode_batch_list",
+                        lambda self, texts: [ids[:-1] for ids in real(self, texts)])  # a wrong fast tokenizer
+    prefix, report = run(tmp_path, tiny_tokenizer, [src])
+    assert report["tokenizer_backend"] == "tokenizers"
+    assert "disagrees" in capsys.readouterr().err
+    assert documents(prefix) == want
+
+
+def test_lone_surrogate_names_the_record(tmp_path, tiny_tokenizer):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "fine"}\n{"text": "bad \\ud800 here"}\n{"text": "also fine"}\n')
+    with pytest.raises(DataError, match=r"in\.jsonl:2: text cannot be tokenized"):
+        run(tmp_path, tiny_tokenizer, [src])
+    prefix, report = run(tmp_path, tiny_tokenizer, [src], skip_bad=True)
+    assert report["dropped"] == {"bad_record": 1}
+    assert documents(prefix) == expected_ids(tiny_tokenizer, ["fine", "also fine"])
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "mds"
+
+
+def big_vocab_tokenizer(tmp_path):
+    """A tokenizer with Llama-3's vocabulary size (ids of the MDS fixtures go up to 128,255)."""
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128256)}, unk_token="t0"))
+    d = tmp_path / "bigtok"
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    return d
+
+
+@pytest.mark.parametrize("name", ["pretrain_zstd", "sft_raw"])
+def test_mds_import_keeps_ids_and_splits_documents(tmp_path, name):
+    docs = json.loads((FIXTURES / name / "documents.json").read_text())
+    prefix, report = run(tmp_path, big_vocab_tokenizer(tmp_path), [FIXTURES / name])
+    assert documents(prefix) == [d["ids"] for d in docs]
+    assert IndexedDataset(str(prefix)).index.dtype == np.int32  # vocab >= 65,500
+
+
+def test_mds_domain_filter(tmp_path):
+    docs = json.loads((FIXTURES / "pretrain_zstd" / "documents.json").read_text())
+    prefix, _ = run(tmp_path, big_vocab_tokenizer(tmp_path), [FIXTURES / "pretrain_zstd"], domain="book-65536")
+    assert documents(prefix) == [d["ids"] for d in docs if d["domain"] == "book-65536"]
+
+
+def test_corrupt_mds_shard(tmp_path):
+    import shutil
+
+    bad = tmp_path / "mds"
+    shutil.copytree(FIXTURES / "sft_raw", bad)
+    shard = bad / "shard.00000.mds"
+    shard.write_bytes(shard.read_bytes()[:-50])
+    with pytest.raises(DataError, match=r"shard\.00000\.mds: corrupt MDS shard"):
+        run(tmp_path, big_vocab_tokenizer(tmp_path), [bad])

@@ -18,7 +18,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "is added and nothing is dropped.",
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="input files: .jsonl, .jsonl.gz, .jsonl.zst or .parquet (read in the order given)")
+                   help="input files: .jsonl, .jsonl.gz, .jsonl.zst or .parquet (read in the order given), or "
+                        "MDS directories (ProLong's released data: token ids kept, samples split into documents)")
     p.add_argument("--tokenizer", required=True, help="HF tokenizer directory or tokenizer.json file")
     p.add_argument("--output-prefix", required=True, help="write PREFIX.bin, PREFIX.idx and PREFIX.json")
     p.add_argument("--text-key", default="text", help="field holding the document text (default: text)")
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="concatenate all documents sharing this field (e.g. a repository name), in input order, "
                         "before filtering")
     p.add_argument("--group-separator", default="\n\n", help="text placed between grouped documents")
+    p.add_argument("--domain", help="MDS inputs: keep only samples whose domain column equals this")
     p.add_argument("--workers", type=int, default=1, help="tokenizer threads on this node")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip malformed records (counted in PREFIX.json) instead of stopping with an error")
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     cfg = PreprocessConfig(inputs=a.input, tokenizer=a.tokenizer, output_prefix=a.output_prefix,
                            text_key=a.text_key, add_bos=a.add_bos, add_eos=a.add_eos, min_tokens=a.min_tokens,
-                           group_by=a.group_by, group_separator=a.group_separator, workers=a.workers,
+                           group_by=a.group_by, group_separator=a.group_separator, domain=a.domain, workers=a.workers,
                            skip_bad=a.skip_bad, quiet=a.quiet)
     try:
         report = preprocess(cfg)

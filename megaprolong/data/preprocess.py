@@ -1,13 +1,20 @@
-"""Raw text to a Megatron indexed dataset (``PREFIX.bin`` / ``PREFIX.idx``), one sequence per document.
+"""Raw text (or ProLong's MDS shards) to a Megatron indexed dataset, one sequence per document.
 
-Streaming: documents are read, tokenized in batches and appended to the output, so memory stays bounded
-whatever the input size (``--group-by`` holds one group's text per key until the end, by its nature).
-Atomic: everything is written under temporary names and renamed at the end, ``.idx`` last, so an
-interrupted run never leaves a pair that opens as a dataset. Inputs are only read.
+- Streaming: documents are read, tokenized in batches and appended to the output; memory stays bounded
+  whatever the input size (``--group-by`` holds one group's text per key until the end, by its nature).
+- Exact: token ids equal HF ``tokenizers``' ``encode(text, add_special_tokens=False)``. gigatoken, much
+  faster, is used when installed and only after it agreed with ``tokenizers`` on a sample of the input;
+  otherwise (or on disagreement, said on stderr) ``tokenizers`` does the work. As in both libraries, a
+  special-token string inside a text (e.g. ``<|end_of_text|>``) becomes that special token.
+- Atomic: everything is written under temporary names and renamed at the end, ``.idx`` last, so an
+  interrupted run never leaves a pair that opens as a dataset. Inputs are only read.
+- MDS (ProLong's released data): token ids are kept, each packed sample is split back into its original
+  documents by its ``indices``; ``domain`` filters by the ``domain`` column.
 """
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import os
@@ -20,9 +27,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from megaprolong.data.mds import is_mds, read_mds, split_documents
 from megaprolong.data.readers import DataError, read_records
 
-BATCH_DOCS = 512
+BATCH_BYTES = 8 << 20  # tokenize ~8 MB of text at a time: fast, and memory stays flat
+CHECK_DOCS = 256  # documents checked against HF tokenizers before trusting the fast tokenizer
 
 
 @dataclass
@@ -36,6 +45,7 @@ class PreprocessConfig:
     min_tokens: int = 0
     group_by: str | None = None
     group_separator: str = "\n\n"
+    domain: str | None = None  # MDS inputs: keep only samples of this domain
     workers: int = 1
     skip_bad: bool = False
     quiet: bool = False
@@ -48,10 +58,11 @@ class Stats:
     bytes: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
 
-    def drop(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
 
 
+# ---- tokenizers ---------------------------------------------------------------------------------------
 def tokenizer_file(path: str | Path) -> Path:
     """The tokenizer.json of an HF tokenizer directory (or the file itself)."""
     p = Path(path)
@@ -68,102 +79,261 @@ def load_tokenizer(path: str | Path):
     return Tokenizer.from_file(str(tokenizer_file(path)))
 
 
-def _special_id(tok, names: tuple[str, ...]) -> int:
-    for name in names:
-        i = tok.token_to_id(name)
-        if i is not None:
-            return i
-    raise DataError("tokenizer", f"has none of the special tokens {names}")
+class Encoder:
+    """Batch encoder returning (flat ids, lengths); gigatoken when it agrees with HF tokenizers."""
+
+    def __init__(self, path: str | Path, workers: int):
+        self.hf = load_tokenizer(path)
+        self.fast = None
+        self.name = "tokenizers"
+        self._path = tokenizer_file(path)
+        self._checked = False
+        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, workers)))  # read by both at first use
+
+    def _hf(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def _first_batch(self, texts: list[str]) -> None:
+        self._checked = True
+        try:
+            import gigatoken
+        except ImportError:
+            return
+        try:
+            fast = gigatoken.Tokenizer(str(self._path))
+            sample = texts[:CHECK_DOCS]
+            got = fast.encode_batch_list(sample)
+        except Exception as e:
+            print(f"megaprolong-preprocess: gigatoken unusable ({e}); using HF tokenizers", file=sys.stderr)
+            return
+        if [list(g) for g in got] != self._hf(sample):
+            print("megaprolong-preprocess: gigatoken disagrees with HF tokenizers on this input; "
+                  "using HF tokenizers (exact, slower)", file=sys.stderr)
+            return
+        self.fast, self.name = fast, "gigatoken"
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if not self._checked:
+            self._first_batch(texts)
+        if self.fast is not None:
+            out = self.fast.encode_batch(texts)
+            layout = out.layout
+            offsets = np.asarray(layout.offsets.data)
+            ids = np.asarray(layout.content.data)[offsets[0]:offsets[-1]]
+            return ids, np.diff(offsets)
+        lists = self._hf(texts)
+        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        flat = np.fromiter((i for ids in lists for i in ids), dtype=np.int64, count=int(lengths.sum()))
+        return flat, lengths
+
+    def special_id(self, names: tuple[str, ...]) -> int:
+        for name in names:
+            i = self.hf.token_to_id(name)
+            if i is not None:
+                return i
+        raise DataError(str(self._path), f"tokenizer has none of the special tokens {names}")
 
 
-def _texts(cfg: PreprocessConfig, stats: Stats) -> Iterator[tuple[str, str]]:
-    """(where, text) of every document, in input order; grouped documents joined per key."""
+# ---- the output ---------------------------------------------------------------------------------------
+class _Writer:
+    """megatron-core's IndexedDatasetBuilder, fed whole batches.
+
+    The builder appends per document to Python lists; here tokens go to its .bin in one write per batch
+    and lengths to a compact array, handed to the builder only when it writes the .idx.
+    """
+
+    def __init__(self, bin_path: str, dtype):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.builder = IndexedDatasetBuilder(bin_path, dtype=dtype)
+        self.dtype = dtype
+        self.lengths = array.array("q")
+
+    def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        self.builder.data_file.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        self.lengths.extend(lengths.tolist())
+
+    def finalize(self, idx_path: str) -> None:
+        n = len(self.lengths)
+        self.builder.sequence_lengths = np.frombuffer(self.lengths, dtype=np.int64).astype(np.int32)
+        self.builder.document_indices = np.arange(n + 1, dtype=np.int64)  # one sequence per document
+        self.builder.finalize(idx_path)
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+def _bad(cfg: PreprocessConfig, stats: Stats, err: DataError) -> None:
+    if not cfg.skip_bad:
+        raise err
+    stats.drop("bad_record")
+
+
+def _texts(cfg: PreprocessConfig, path: str, stats: Stats) -> Iterator[tuple[str, str]]:
+    """(where, text) of one text input, records in file order."""
+    for where, rec in read_records(path):
+        if isinstance(rec, DataError):
+            _bad(cfg, stats, rec)
+            continue
+        text = rec.get(cfg.text_key)
+        if not isinstance(text, str):
+            _bad(cfg, stats, DataError(where, f"missing text key {cfg.text_key!r}" if text is None
+                                       else f"{cfg.text_key!r} is {type(text).__name__}, expected a string"))
+            continue
+        if cfg.group_by is None:
+            yield where, text
+            continue
+        key = rec.get(cfg.group_by)
+        if key is None:
+            _bad(cfg, stats, DataError(where, f"missing group key {cfg.group_by!r}"))
+            continue
+        yield f"group {key}", (str(key), text)
+
+
+def _text_batches(cfg: PreprocessConfig, stats: Stats) -> Iterator[list[tuple[str, str]]]:
+    """Batches of ~BATCH_BYTES of (where, text), documents in input order (groups: first appearance)."""
     groups: dict[str, list[str]] = {}
-    for path in cfg.inputs:
-        for where, rec in read_records(path):
-            if isinstance(rec, DataError):
-                if not cfg.skip_bad:
-                    raise rec
-                stats.drop("bad_record")
-                continue
-            text = rec.get(cfg.text_key)
-            if not isinstance(text, str):
-                err = DataError(where, f"missing text key {cfg.text_key!r}" if text is None
-                                else f"{cfg.text_key!r} is {type(text).__name__}, expected a string")
-                if not cfg.skip_bad:
-                    raise err
-                stats.drop("bad_record")
-                continue
-            if cfg.group_by is None:
-                yield where, text
-            else:
-                key = rec.get(cfg.group_by)
-                if key is None:
-                    err = DataError(where, f"missing group key {cfg.group_by!r}")
-                    if not cfg.skip_bad:
-                        raise err
-                    stats.drop("bad_record")
-                    continue
-                groups.setdefault(str(key), []).append(text)
-    for key, texts in groups.items():  # dicts keep first-appearance order: stable
-        yield f"group {key}", cfg.group_separator.join(texts)
 
+    def flat():
+        for path in cfg.inputs:
+            for where, item in _texts(cfg, path, stats):
+                if cfg.group_by is None:
+                    yield where, item
+                else:
+                    groups.setdefault(item[0], []).append(item[1])
+        for key, texts in groups.items():
+            yield f"group {key}", cfg.group_separator.join(texts)
 
-def _batches(it: Iterator, size: int) -> Iterator[list]:
-    batch = []
-    for item in it:
-        batch.append(item)
-        if len(batch) == size:
+    batch, size = [], 0
+    for where, text in flat():
+        batch.append((where, text))
+        size += len(text)
+        if size >= BATCH_BYTES:
             yield batch
-            batch = []
+            batch, size = [], 0
     if batch:
         yield batch
 
 
-def preprocess(cfg: PreprocessConfig) -> dict:
-    """Tokenize ``cfg.inputs`` into ``cfg.output_prefix``.{bin,idx,json}; returns the stats written."""
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+def _encode_checked(encoder: Encoder, cfg: PreprocessConfig, stats: Stats, batch):
+    """Encode a batch; if the batch fails (e.g. a lone surrogate), find and report the bad record."""
+    try:
+        return batch, *encoder.encode([t for _, t in batch])
+    except (TypeError, ValueError, UnicodeError):
+        good = []
+        for where, text in batch:
+            try:
+                text.encode("utf-8")
+                encoder.hf.encode(text, add_special_tokens=False)
+                good.append((where, text))
+            except (TypeError, ValueError, UnicodeError) as e:
+                _bad(cfg, stats, DataError(where, f"text cannot be tokenized ({type(e).__name__}: {e})"))
+        if not good:
+            return good, np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return good, *encoder.encode([t for _, t in good])
 
-    os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, cfg.workers)))
+
+def _token_batches(cfg, encoder, stats) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """(flat ids, lengths, input bytes) per batch, for text and MDS inputs alike, in input order."""
+    text_inputs = [p for p in cfg.inputs if not is_mds(p)]
+    mds_inputs = [p for p in cfg.inputs if is_mds(p)]
+    if text_inputs and mds_inputs:
+        raise DataError(", ".join(cfg.inputs), "mix of text and MDS inputs: preprocess them separately")
+    if mds_inputs:
+        pieces, total = [], 0
+        for path in mds_inputs:
+            for where, sample in read_mds(path):
+                if cfg.domain is not None and sample.get("domain") != cfg.domain:
+                    continue
+                for doc in split_documents(where, sample):
+                    pieces.append(doc)
+                    total += len(doc)
+                if total >= BATCH_BYTES // 4:
+                    yield np.concatenate(pieces), np.array([len(p) for p in pieces]), total * 4
+                    pieces, total = [], 0
+        if pieces:
+            yield np.concatenate(pieces), np.array([len(p) for p in pieces]), total * 4
+        return
+    if cfg.domain is not None:
+        raise DataError(", ".join(cfg.inputs), "--domain filters MDS inputs only")
+    for batch in _text_batches(cfg, stats):
+        batch, ids, lengths = _encode_checked(encoder, cfg, stats, batch)
+        yield ids, lengths, sum(len(t) for _, t in batch)
+
+
+def _add_special(ids, lengths, bos, eos):
+    """Insert BOS before / EOS after every document of a flat batch."""
+    new_lengths = lengths + (bos is not None) + (eos is not None)
+    out = np.empty(int(new_lengths.sum()), dtype=np.int64)
+    starts = np.cumsum(new_lengths) - new_lengths
+    body = np.ones(len(out), dtype=bool)
+    if bos is not None:
+        out[starts], body[starts] = bos, False
+    if eos is not None:
+        out[starts + new_lengths - 1], body[starts + new_lengths - 1] = eos, False
+    out[body] = ids
+    return out, new_lengths
+
+
+def _filter(ids, lengths, min_tokens, stats):
+    """Drop empty documents and those shorter than ``min_tokens``, counting them by reason."""
+    keep = lengths >= max(min_tokens, 1)
+    if keep.all():
+        return ids, lengths
+    empty = int(np.sum(lengths == 0))
+    if empty:
+        stats.drop("empty", empty)
+    if int(np.sum(~keep)) > empty:
+        stats.drop("min_tokens", int(np.sum(~keep)) - empty)
+    return ids[np.repeat(keep, lengths)], lengths[keep]
+
+
+# ---- the job ------------------------------------------------------------------------------------------
+def preprocess(cfg: PreprocessConfig, progress_position: int = 0) -> dict:
+    """Tokenize ``cfg.inputs`` into ``cfg.output_prefix``.{bin,idx,json}; returns the stats written."""
+    from megatron.core.datasets.indexed_dataset import DType
+
     start = time.time()
-    tok = load_tokenizer(cfg.tokenizer)
-    bos = _special_id(tok, ("<|begin_of_text|>", "<s>", "<bos>")) if cfg.add_bos else None
-    eos = _special_id(tok, ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")) if cfg.add_eos else None
-    vocab = tok.get_vocab_size(with_added_tokens=True)
+    if not cfg.inputs:
+        raise DataError("--input", "no input files")
+    for p in cfg.inputs:
+        if not Path(p).exists():
+            raise DataError(str(p), "input file does not exist")
+    encoder = Encoder(cfg.tokenizer, cfg.workers)
+    bos = encoder.special_id(("<|begin_of_text|>", "<s>", "<bos>")) if cfg.add_bos else None
+    eos = encoder.special_id(("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")) if cfg.add_eos else None
+    vocab = encoder.hf.get_vocab_size(with_added_tokens=True)
     dtype = DType.optimal_dtype(vocab)
 
     prefix = Path(cfg.output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
     stats = Stats()
-    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
-    bar = tqdm(disable=cfg.quiet, unit=" docs", file=sys.stderr, desc=f"preprocess {prefix.name}")
+    writer = _Writer(f"{tmp}.bin", dtype)
+    bar = tqdm(disable=cfg.quiet, unit=" docs", file=sys.stderr, desc=f"preprocess {prefix.name}",
+               position=progress_position, mininterval=1.0)
     try:
-        for batch in _batches(_texts(cfg, stats), BATCH_DOCS):
-            encodings = tok.encode_batch([text for _, text in batch], add_special_tokens=False)
-            for (_, text), enc in zip(batch, encodings):
-                ids = enc.ids
-                if bos is not None:
-                    ids = [bos] + ids
-                if eos is not None:
-                    ids = ids + [eos]
-                if len(ids) < max(cfg.min_tokens, 1):
-                    stats.drop("empty" if not ids else "min_tokens")
-                    continue
-                builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
-                stats.documents += 1
-                stats.tokens += len(ids)
-                stats.bytes += len(text.encode("utf-8"))
+        for ids, lengths, nbytes in _token_batches(cfg, encoder, stats):
+            if len(ids) and int(ids.max()) >= vocab:
+                raise DataError(", ".join(cfg.inputs), f"token id {int(ids.max())} >= the tokenizer's vocabulary "
+                                                       f"size {vocab}: wrong tokenizer for this data?")
+            if bos is not None or eos is not None:
+                ids, lengths = _add_special(ids, lengths, bos, eos)
+            ids, lengths = _filter(ids, lengths, cfg.min_tokens, stats)
+            writer.add(ids, lengths)
+            stats.documents += len(lengths)
+            stats.tokens += int(lengths.sum())
+            stats.bytes += nbytes
             elapsed = max(time.time() - start, 1e-9)
-            bar.update(len(batch))
-            bar.set_postfix_str(f"{stats.tokens / elapsed:,.0f} tok/s, {stats.bytes / elapsed / 1e6:.1f} MB/s")
-        builder.finalize(f"{tmp}.idx")
+            bar.update(len(lengths))
+            bar.set_postfix_str(f"{stats.tokens / elapsed / 1e6:.2f} M tok/s, {stats.bytes / elapsed / 1e6:.1f} MB/s")
+        writer.builder.data_file.close()
+        writer.finalize(f"{tmp}.idx")
         report = {
             "documents": stats.documents,
             "tokens": stats.tokens,
             "dropped": stats.dropped,
             "tokenizer": str(tokenizer_file(cfg.tokenizer)),
             "tokenizer_sha256": hashlib.sha256(tokenizer_file(cfg.tokenizer).read_bytes()).hexdigest(),
+            "tokenizer_backend": encoder.name,
             "vocab_size": vocab,
             "dtype": np.dtype(dtype).name,
             "inputs": [str(p) for p in cfg.inputs],
@@ -171,13 +341,17 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             "elapsed_s": round(time.time() - start, 3),
         }
         Path(f"{tmp}.json").write_text(json.dumps(report, indent=2) + "\n")
-        # .idx last: until it is in place, no (old or new) pair under PREFIX opens as a dataset
-        Path(f"{prefix}.idx").unlink(missing_ok=True)
-        os.replace(f"{tmp}.bin", f"{prefix}.bin")
-        os.replace(f"{tmp}.json", f"{prefix}.json")
-        os.replace(f"{tmp}.idx", f"{prefix}.idx")
+        publish(tmp, prefix)
         return report
     finally:
         bar.close()
         for suffix in (".bin", ".idx", ".json"):
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+
+
+def publish(tmp: Path | str, prefix: Path | str) -> None:
+    """Rename TMP.{bin,json,idx} to PREFIX.*, .idx last (and any old PREFIX.idx removed first)."""
+    Path(f"{prefix}.idx").unlink(missing_ok=True)
+    os.replace(f"{tmp}.bin", f"{prefix}.bin")
+    os.replace(f"{tmp}.json", f"{prefix}.json")
+    os.replace(f"{tmp}.idx", f"{prefix}.idx")
