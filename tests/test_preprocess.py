@@ -178,3 +178,38 @@ def test_corrupt_mds_shard(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-50])
     with pytest.raises(DataError, match=r"shard\.00000\.mds: corrupt MDS shard"):
         run(tmp_path, big_vocab_tokenizer(tmp_path), [bad])
+
+
+def test_kill_9_never_leaves_a_valid_pair(tmp_path, tiny_tokenizer):
+    import os
+    import signal
+    import time
+
+    src = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "Every document packs the tokens of a long story. " * 40}) + "\n"
+    src.write_text(line * 20000)  # ~40 MB
+    prefix = tmp_path / "out" / "ds"
+    cmd = [sys.executable, "-m", "tools.preprocess_data", "--input", str(src), "--tokenizer", str(tiny_tokenizer),
+           "--output-prefix", str(prefix), "--quiet"]
+    proc = subprocess.Popen(cmd)
+    deadline = time.time() + 60
+    while not list(prefix.parent.glob(".ds.tmp*.bin")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not prefix.with_suffix(".idx").exists()
+    with pytest.raises(Exception):
+        IndexedDataset(str(prefix))
+
+
+def test_inspect_prints_counts_and_histogram(tmp_path, tiny_corpus, tiny_tokenizer):
+    from megaprolong.data.inspect import length_histogram
+
+    src = write_jsonl(tiny_corpus, tmp_path / "in.jsonl")
+    prefix, report = run(tmp_path, tiny_tokenizer, [src])
+    out = subprocess.run([sys.executable, "-m", "tools.preprocess_data", "inspect", str(prefix)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0
+    assert f"{report['documents']:,} documents, {report['tokens']:,} tokens" in out.stdout
+    rows = length_histogram(np.array([1, 2, 3, 4, 100]))
+    assert rows == [(1, 1, 1, 1), (2, 3, 2, 5), (4, 7, 1, 4), (64, 127, 1, 100)]

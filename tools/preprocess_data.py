@@ -15,7 +15,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="megaprolong-preprocess",
         description="Tokenize raw documents into PREFIX.bin/.idx (one sequence per document, input order) "
                     "plus PREFIX.json (counts, drops by reason, tokenizer hash, timing). By default no BOS/EOS "
-                    "is added and nothing is dropped.",
+                    "is added and nothing is dropped. `megaprolong-preprocess inspect PREFIX` summarizes a dataset.",
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="input files: .jsonl, .jsonl.gz, .jsonl.zst or .parquet (read in the order given), or "
@@ -39,7 +39,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def inspect_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="megaprolong-preprocess inspect",
+                                description="Print documents, tokens and a length histogram of indexed datasets.")
+    p.add_argument("prefix", nargs="+", help="dataset prefix (PREFIX.bin / PREFIX.idx)")
+    a = p.parse_args(argv)
+    from megaprolong.data.inspect import describe
+
+    for prefix in a.prefix:
+        try:
+            print(describe(prefix))
+        except (FileNotFoundError, OSError, ValueError) as e:
+            print(f"megaprolong-preprocess inspect: {prefix}: cannot open ({e})", file=sys.stderr)
+            return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["inspect"]:
+        return inspect_main(argv[1:])
     a = parse_args(argv)
     cfg = PreprocessConfig(inputs=a.input, tokenizer=a.tokenizer, output_prefix=a.output_prefix,
                            text_key=a.text_key, add_bos=a.add_bos, add_eos=a.add_eos, min_tokens=a.min_tokens,

@@ -16,6 +16,7 @@ _MESSAGES = [
     r"When using sequence parallelism it is recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS",
     r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor|_all_gather_base|_reduce_scatter_base)` is deprecated",
     r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+    r"Could not determine rank from torch\.distributed",
 ]
 _LOG_MESSAGES = ("GPTModel IS DEPRECATED", "full_param_layout not provided", "No CUDA runtime is found")
 
