@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(PY) -m megaprolong.demo
 
 test: $(STAMP)
+	@tools/setup_test_env.sh $(PY)
 	$(PY) -m pytest -q tests
 
 clean:

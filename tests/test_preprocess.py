@@ -213,3 +213,26 @@ def test_inspect_prints_counts_and_histogram(tmp_path, tiny_corpus, tiny_tokeniz
     assert f"{report['documents']:,} documents, {report['tokens']:,} tokens" in out.stdout
     rows = length_histogram(np.array([1, 2, 3, 4, 100]))
     assert rows == [(1, 1, 1, 1), (2, 3, 2, 5), (4, 7, 1, 4), (64, 127, 1, 100)]
+
+
+def test_mpirun_two_ranks_equals_one_rank(tmp_path, tiny_corpus, tiny_tokenizer):
+    import os
+    import shutil
+
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not installed (tools/setup_test_env.sh installs Open MPI where it can)")
+    pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install -e .[mpi])")
+    inputs = [write_jsonl(tiny_corpus[i::3], tmp_path / f"part{i}.jsonl") for i in range(3)]
+    single, report1 = run(tmp_path, tiny_tokenizer, inputs)
+    prefix = tmp_path / "mpi" / "ds"
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_btl="self,tcp",
+               OMPI_MCA_plm_rsh_agent="false")
+    out = subprocess.run(["mpirun", "-n", "2", "--oversubscribe", sys.executable, "-m", "tools.preprocess_data",
+                          "--input", *map(str, inputs), "--tokenizer", str(tiny_tokenizer),
+                          "--output-prefix", str(prefix), "--quiet"], capture_output=True, text=True, env=env,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert documents(prefix) == documents(single)
+    meta = json.loads(prefix.with_suffix(".json").read_text())
+    assert meta["ranks"] == 2 and meta["documents"] == report1["documents"] and meta["tokens"] == report1["tokens"]
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["ds.bin", "ds.idx", "ds.json"]  # partials removed

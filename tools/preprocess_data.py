@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from megaprolong.data.preprocess import PreprocessConfig, preprocess
+from megaprolong.data.preprocess import PreprocessConfig, mpi_world_size, preprocess, preprocess_mpi
 from megaprolong.data.readers import DataError
 
 
@@ -32,7 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "before filtering")
     p.add_argument("--group-separator", default="\n\n", help="text placed between grouped documents")
     p.add_argument("--domain", help="MDS inputs: keep only samples whose domain column equals this")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer threads on this node")
+    p.add_argument("--workers", type=int, default=1,
+                   help="tokenizer threads on this node; across nodes run under mpirun (mpi extra): each rank "
+                        "takes a contiguous run of the input files, rank 0 merges")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip malformed records (counted in PREFIX.json) instead of stopping with an error")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -65,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                            group_by=a.group_by, group_separator=a.group_separator, domain=a.domain, workers=a.workers,
                            skip_bad=a.skip_bad, quiet=a.quiet)
     try:
-        report = preprocess(cfg)
+        report = preprocess_mpi(cfg) if mpi_world_size() > 1 else preprocess(cfg)
     except DataError as e:
         print(f"megaprolong-preprocess: error: {e}", file=sys.stderr)
         return 1
-    if not a.quiet:
+    if report is not None and not a.quiet:
         print(json.dumps({k: report[k] for k in ("documents", "tokens", "dropped", "elapsed_s")}))
     return 0
 

@@ -4,7 +4,8 @@
   whatever the input size (``--group-by`` holds one group's text per key until the end, by its nature).
 - Exact: token ids equal HF ``tokenizers``' ``encode(text, add_special_tokens=False)``. gigatoken, much
   faster, is used when installed and only after it agreed with ``tokenizers`` on a sample of the input;
-  otherwise (or on disagreement, said on stderr) ``tokenizers`` does the work. As in both libraries, a
+  otherwise (or on disagreement, said on stderr; or with MEGAPROLONG_DISABLE_FAST_TOKENIZER=1)
+  ``tokenizers`` does the work. As in both libraries, a
   special-token string inside a text (e.g. ``<|end_of_text|>``) becomes that special token.
 - Atomic: everything is written under temporary names and renamed at the end, ``.idx`` last, so an
   interrupted run never leaves a pair that opens as a dataset. Inputs are only read.
@@ -95,6 +96,8 @@ class Encoder:
 
     def _first_batch(self, texts: list[str]) -> None:
         self._checked = True
+        if os.environ.get("MEGAPROLONG_DISABLE_FAST_TOKENIZER"):
+            return
         try:
             import gigatoken
         except ImportError:
@@ -355,3 +358,76 @@ def publish(tmp: Path | str, prefix: Path | str) -> None:
     os.replace(f"{tmp}.bin", f"{prefix}.bin")
     os.replace(f"{tmp}.json", f"{prefix}.json")
     os.replace(f"{tmp}.idx", f"{prefix}.idx")
+
+
+# ---- many nodes ---------------------------------------------------------------------------------------
+def mpi_world_size() -> int:
+    """Ranks of the MPI job this process was started in (1 when not under mpirun/srun --mpi)."""
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
+def split_contiguous(items: list, parts: int, index: int) -> list:
+    """Part ``index`` of ``items`` cut into ``parts`` contiguous runs (sizes differ by at most one)."""
+    q, r = divmod(len(items), parts)
+    start = index * q + min(index, r)
+    return items[start:start + q + (index < r)]
+
+
+def preprocess_mpi(cfg: PreprocessConfig) -> dict | None:
+    """``mpirun -n K megaprolong-preprocess ...``: each rank tokenizes a contiguous run of the input files
+    into a partial dataset; rank 0 merges them in rank order (megatron-core's builder) into PREFIX.
+
+    Documents keep input order. ``--group-by`` groups within a rank's files only: keep a group (e.g. a
+    repository) in one input file. Returns the stats on rank 0, None elsewhere.
+    """
+    from mpi4py import MPI
+
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    prefix = Path(cfg.output_prefix)
+    job = comm.bcast(f"{os.getpid()}" if rank == 0 else None, root=0)
+    part = prefix.with_name(f".{prefix.name}.job{job}.part{rank:05d}")
+    mine = split_contiguous(cfg.inputs, size, rank)
+    error = None
+    report = None
+    try:
+        if mine:
+            report = preprocess(PreprocessConfig(**{**vars(cfg), "inputs": mine, "output_prefix": str(part),
+                                                    "quiet": cfg.quiet or rank != 0}))
+    except DataError as e:
+        error = str(e)
+    errors = comm.allgather(error)
+    reports = comm.gather(report, root=0)
+    result = None
+    if rank == 0 and not any(errors):
+        start = time.time()
+        dtype = DType.optimal_dtype(reports[0]["vocab_size"] if reports[0] else 2**31)
+        tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
+        builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
+        for r, rep in enumerate(reports):
+            if rep is not None:
+                builder.add_index(str(prefix.with_name(f".{prefix.name}.job{job}.part{r:05d}")))
+        builder.finalize(f"{tmp}.idx")
+        done = [rep for rep in reports if rep]
+        result = dict(done[0])
+        result.update(documents=sum(r["documents"] for r in done), tokens=sum(r["tokens"] for r in done),
+                      inputs=list(cfg.inputs), ranks=size,
+                      elapsed_s=round(max(r["elapsed_s"] for r in done) + time.time() - start, 3))
+        dropped: dict[str, int] = {}
+        for r in done:
+            for k, v in r["dropped"].items():
+                dropped[k] = dropped.get(k, 0) + v
+        result["dropped"] = dropped
+        Path(f"{tmp}.json").write_text(json.dumps(result, indent=2) + "\n")
+        publish(tmp, prefix)
+    comm.Barrier()
+    for suffix in (".bin", ".idx", ".json"):
+        Path(f"{part}{suffix}").unlink(missing_ok=True)
+    if any(errors):
+        raise DataError(cfg.output_prefix, "; ".join(e for e in errors if e))
+    return result
