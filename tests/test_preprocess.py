@@ -236,3 +236,16 @@ def test_mpirun_two_ranks_equals_one_rank(tmp_path, tiny_corpus, tiny_tokenizer)
     meta = json.loads(prefix.with_suffix(".json").read_text())
     assert meta["ranks"] == 2 and meta["documents"] == report1["documents"] and meta["tokens"] == report1["tokens"]
     assert sorted(p.name for p in prefix.parent.iterdir()) == ["ds.bin", "ds.idx", "ds.json"]  # partials removed
+
+
+def test_cli_writes_index_in_a_child_process(tmp_path, tiny_corpus, tiny_tokenizer):
+    """The CLI does not import megatron-core itself; the .idx its child writes opens in megatron."""
+    src = write_jsonl(tiny_corpus, tmp_path / "in.jsonl")
+    prefix = tmp_path / "cli" / "ds"
+    out = subprocess.run([sys.executable, "-m", "tools.preprocess_data", "--input", str(src), "--tokenizer",
+                          str(tiny_tokenizer), "--output-prefix", str(prefix), "--add-eos"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["documents"] == len(tiny_corpus)
+    eos = Tokenizer.from_file(str(tiny_tokenizer / "tokenizer.json")).token_to_id("<|end_of_text|>")
+    assert documents(prefix) == [ids + [eos] for ids in expected_ids(tiny_tokenizer, [d["text"] for d in tiny_corpus])]
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["ds.bin", "ds.idx", "ds.json"]

@@ -16,9 +16,12 @@
 from __future__ import annotations
 
 import array
+import ctypes
+import gc
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -33,6 +36,7 @@ from megaprolong.data.readers import DataError, read_records
 
 BATCH_BYTES = 8 << 20  # tokenize ~8 MB of text at a time: fast, and memory stays flat
 CHECK_DOCS = 256  # documents checked against HF tokenizers before trusting the fast tokenizer
+FAST_RENEW_BYTES = 2 << 30  # gigatoken's per-tokenizer cache grows without bound: renew it this often
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Encoder:
         self.name = "tokenizers"
         self._path = tokenizer_file(path)
         self._checked = False
+        self._fast_bytes = 0
         os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, workers)))  # read by both at first use
 
     def _hf(self, texts: list[str]) -> list[list[int]]:
@@ -119,6 +124,11 @@ class Encoder:
         if not self._checked:
             self._first_batch(texts)
         if self.fast is not None:
+            self._fast_bytes += sum(map(len, texts))
+            if self._fast_bytes > FAST_RENEW_BYTES:
+                import gigatoken
+
+                self.fast, self._fast_bytes = gigatoken.Tokenizer(str(self._path)), 0
             out = self.fast.encode_batch(texts)
             layout = out.layout
             offsets = np.asarray(layout.offsets.data)
@@ -138,29 +148,43 @@ class Encoder:
 
 
 # ---- the output ---------------------------------------------------------------------------------------
-class _Writer:
-    """megatron-core's IndexedDatasetBuilder, fed whole batches.
+def token_dtype(vocab_size: int) -> np.dtype:
+    """megatron-core's choice (``DType.optimal_dtype``): uint16 below 65,500 tokens, else int32."""
+    return np.dtype(np.uint16 if vocab_size < 65500 else np.int32)
 
-    The builder appends per document to Python lists; here tokens go to its .bin in one write per batch
-    and lengths to a compact array, handed to the builder only when it writes the .idx.
+
+class _Writer:
+    """Streams token ids to ``TMP.bin`` and has megatron-core's IndexedDatasetBuilder write ``TMP.idx``.
+
+    importing megatron-core costs ~5 s and ~700 MiB (torch with CUDA libraries) on every run: the .bin is
+    plain token ids, written here in one write per batch, and the .idx is written at the end by the
+    builder in a short child process (:mod:`megaprolong.data.write_index`), so this process stays small.
     """
 
-    def __init__(self, bin_path: str, dtype):
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-        self.builder = IndexedDatasetBuilder(bin_path, dtype=dtype)
-        self.dtype = dtype
+    def __init__(self, bin_path: str, dtype: np.dtype):
+        self.bin_path, self.dtype = bin_path, dtype
+        self.file = open(bin_path, "wb")
         self.lengths = array.array("q")
 
     def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
-        self.builder.data_file.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        self.file.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
         self.lengths.extend(lengths.tolist())
 
     def finalize(self, idx_path: str) -> None:
-        n = len(self.lengths)
-        self.builder.sequence_lengths = np.frombuffer(self.lengths, dtype=np.int64).astype(np.int32)
-        self.builder.document_indices = np.arange(n + 1, dtype=np.int64)  # one sequence per document
-        self.builder.finalize(idx_path)
+        self.file.close()
+        lengths = np.frombuffer(self.lengths, dtype=np.int64)
+        if "megatron.core.datasets.indexed_dataset" in sys.modules:  # already paid for: write it here
+            from megaprolong.data.write_index import write_index
+
+            write_index(lengths, self.dtype.name, idx_path)
+            return
+        lengths_path = f"{idx_path}.lengths.npy"
+        np.save(lengths_path, lengths)
+        try:
+            subprocess.run([sys.executable, "-m", "megaprolong.data.write_index", lengths_path, self.dtype.name,
+                            idx_path], check=True)
+        finally:
+            Path(lengths_path).unlink(missing_ok=True)
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -292,8 +316,6 @@ def _filter(ids, lengths, min_tokens, stats):
 # ---- the job ------------------------------------------------------------------------------------------
 def preprocess(cfg: PreprocessConfig, progress_position: int = 0) -> dict:
     """Tokenize ``cfg.inputs`` into ``cfg.output_prefix``.{bin,idx,json}; returns the stats written."""
-    from megatron.core.datasets.indexed_dataset import DType
-
     start = time.time()
     if not cfg.inputs:
         raise DataError("--input", "no input files")
@@ -304,7 +326,7 @@ def preprocess(cfg: PreprocessConfig, progress_position: int = 0) -> dict:
     bos = encoder.special_id(("<|begin_of_text|>", "<s>", "<bos>")) if cfg.add_bos else None
     eos = encoder.special_id(("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")) if cfg.add_eos else None
     vocab = encoder.hf.get_vocab_size(with_added_tokens=True)
-    dtype = DType.optimal_dtype(vocab)
+    dtype = token_dtype(vocab)
 
     prefix = Path(cfg.output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +350,9 @@ def preprocess(cfg: PreprocessConfig, progress_position: int = 0) -> dict:
             elapsed = max(time.time() - start, 1e-9)
             bar.update(len(lengths))
             bar.set_postfix_str(f"{stats.tokens / elapsed / 1e6:.2f} M tok/s, {stats.bytes / elapsed / 1e6:.1f} MB/s")
-        writer.builder.data_file.close()
+        backend = encoder.name
+        del encoder  # the tokenizers' caches: freed before the index writer starts
+        _release_memory()
         writer.finalize(f"{tmp}.idx")
         report = {
             "documents": stats.documents,
@@ -336,9 +360,9 @@ def preprocess(cfg: PreprocessConfig, progress_position: int = 0) -> dict:
             "dropped": stats.dropped,
             "tokenizer": str(tokenizer_file(cfg.tokenizer)),
             "tokenizer_sha256": hashlib.sha256(tokenizer_file(cfg.tokenizer).read_bytes()).hexdigest(),
-            "tokenizer_backend": encoder.name,
+            "tokenizer_backend": backend,
             "vocab_size": vocab,
-            "dtype": np.dtype(dtype).name,
+            "dtype": dtype.name,
             "inputs": [str(p) for p in cfg.inputs],
             "settings": {k: v for k, v in vars(cfg).items() if k not in ("inputs", "tokenizer", "output_prefix")},
             "elapsed_s": round(time.time() - start, 3),
@@ -348,8 +372,17 @@ def preprocess(cfg: PreprocessConfig, progress_position: int = 0) -> dict:
         return report
     finally:
         bar.close()
+        writer.file.close()
         for suffix in (".bin", ".idx", ".json"):
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    try:  # hand freed heap pages back to the OS (glibc keeps them otherwise)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def publish(tmp: Path | str, prefix: Path | str) -> None:
@@ -385,7 +418,8 @@ def preprocess_mpi(cfg: PreprocessConfig) -> dict | None:
     """
     from mpi4py import MPI
 
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    # imported up front: rank 0 merges with it, and no rank then forks a child under MPI
+    import megatron.core.datasets.indexed_dataset  # noqa: F401
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -399,35 +433,46 @@ def preprocess_mpi(cfg: PreprocessConfig) -> dict | None:
         if mine:
             report = preprocess(PreprocessConfig(**{**vars(cfg), "inputs": mine, "output_prefix": str(part),
                                                     "quiet": cfg.quiet or rank != 0}))
-    except DataError as e:
-        error = str(e)
+    except Exception as e:  # report on every rank instead of leaving the others waiting forever
+        error = f"rank {rank}: {e}"
     errors = comm.allgather(error)
     reports = comm.gather(report, root=0)
-    result = None
+    result, merge_error = None, None
     if rank == 0 and not any(errors):
-        start = time.time()
-        dtype = DType.optimal_dtype(reports[0]["vocab_size"] if reports[0] else 2**31)
-        tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
-        builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
-        for r, rep in enumerate(reports):
-            if rep is not None:
-                builder.add_index(str(prefix.with_name(f".{prefix.name}.job{job}.part{r:05d}")))
-        builder.finalize(f"{tmp}.idx")
-        done = [rep for rep in reports if rep]
-        result = dict(done[0])
-        result.update(documents=sum(r["documents"] for r in done), tokens=sum(r["tokens"] for r in done),
-                      inputs=list(cfg.inputs), ranks=size,
-                      elapsed_s=round(max(r["elapsed_s"] for r in done) + time.time() - start, 3))
-        dropped: dict[str, int] = {}
-        for r in done:
-            for k, v in r["dropped"].items():
-                dropped[k] = dropped.get(k, 0) + v
-        result["dropped"] = dropped
-        Path(f"{tmp}.json").write_text(json.dumps(result, indent=2) + "\n")
-        publish(tmp, prefix)
+        try:
+            result = _merge_parts(cfg, reports, [prefix.with_name(f".{prefix.name}.job{job}.part{r:05d}")
+                                                 for r in range(size)])
+        except Exception as e:  # every rank must reach the barrier below, whatever happens here
+            merge_error = f"merging the ranks' parts failed: {e}"
+    merge_error = comm.bcast(merge_error, root=0)
     comm.Barrier()
     for suffix in (".bin", ".idx", ".json"):
         Path(f"{part}{suffix}").unlink(missing_ok=True)
-    if any(errors):
-        raise DataError(cfg.output_prefix, "; ".join(e for e in errors if e))
+    if any(errors) or merge_error:
+        raise DataError(cfg.output_prefix, "; ".join(e for e in [*errors, merge_error] if e))
+    return result
+
+
+def _merge_parts(cfg: PreprocessConfig, reports: list[dict | None], parts: list[Path]) -> dict:
+    """Concatenate the ranks' partial datasets in rank order into PREFIX (atomically), merging stats."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    start = time.time()
+    prefix = Path(cfg.output_prefix)
+    done = [r for r in reports if r]
+    tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
+    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=np.dtype(done[0]["dtype"]).type)
+    for rep, part in zip(reports, parts):
+        if rep is not None:
+            builder.add_index(str(part))
+    builder.finalize(f"{tmp}.idx")
+    dropped: dict[str, int] = {}
+    for r in done:
+        for k, v in r["dropped"].items():
+            dropped[k] = dropped.get(k, 0) + v
+    result = {**done[0], "documents": sum(r["documents"] for r in done), "tokens": sum(r["tokens"] for r in done),
+              "dropped": dropped, "inputs": list(cfg.inputs), "ranks": len(reports),
+              "elapsed_s": round(max(r["elapsed_s"] for r in done) + time.time() - start, 3)}
+    Path(f"{tmp}.json").write_text(json.dumps(result, indent=2) + "\n")
+    publish(tmp, prefix)
     return result
