@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from megaprolong.training.trainer import run
 
     try:
-        run(cfg, build_dataset(cfg))
+        run(cfg, lambda: build_dataset(cfg))
     except ConfigError as e:
         print(f"megaprolong-train: {e}", file=sys.stderr)
         return 2

@@ -100,19 +100,25 @@ def pack_documents(doc_lengths: np.ndarray, order: np.ndarray | None, seq_length
         if rng is not None:
             perm = rng.permutation(len(unit_doc))
             unit_doc, unit_start, unit_len = unit_doc[perm], unit_start[perm], unit_len[perm]
+    nonempty = unit_len > 0
+    unit_doc, unit_start, unit_len = unit_doc[nonempty], unit_start[nonempty], unit_len[nonempty]
     ends = np.cumsum(unit_len)
-    total = int(ends[-1]) if len(ends) else 0
-    n_seq = total // seq_length
+    begins = ends - unit_len  # where each unit starts in the concatenation, strictly increasing
+    n_seq = int(ends[-1]) // seq_length if len(ends) else 0
     limit = n_seq * seq_length
-    # Segment starts: every unit start and every sequence start, below the packed total.
-    starts = np.union1d(np.concatenate([[0], ends[:-1]]), np.arange(n_seq, dtype=np.int64) * seq_length)
-    starts = starts[starts < limit]
+    seq_begins = np.arange(n_seq, dtype=np.int64) * seq_length
+    # Segments start at every unit start below the limit, plus every sequence start that falls inside a
+    # unit. Both lists are sorted: merge them in O(n) (np.insert) rather than sorting 10M positions.
+    n_units = int(np.searchsorted(begins, limit, side="left"))
+    covering = np.searchsorted(ends, seq_begins, side="right")  # the unit each sequence starts in
+    inside = begins[covering] != seq_begins
+    where = np.searchsorted(begins[:n_units], seq_begins[inside], side="right")
+    starts = np.insert(begins[:n_units], where, seq_begins[inside])
+    unit = np.insert(np.arange(n_units, dtype=np.int64), where, covering[inside])
     seg_end = np.append(starts[1:], limit)
-    unit = np.searchsorted(ends, starts, side="right")  # the unit covering position `starts`
-    unit_begin = ends[unit] - unit_len[unit]
-    offsets = np.searchsorted(starts, np.arange(n_seq + 1, dtype=np.int64) * seq_length)
+    offsets = np.searchsorted(starts, np.append(seq_begins, limit))
     return PackedIndex(offsets=offsets.astype(np.int64), doc=unit_doc[unit],
-                       start=unit_start[unit] + (starts - unit_begin), length=seg_end - starts)
+                       start=unit_start[unit] + (starts - begins[unit]), length=seg_end - starts)
 
 
 def make_sample(segments: list[Segment], read_tokens, domain: int = 0) -> Sample:

@@ -7,6 +7,7 @@ assumptions patched by :mod:`megaprolong.runtime.cpu_compat`. Everything else in
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -52,6 +53,18 @@ def init_distributed(timeout_minutes: int = 30) -> None:
         world_size=world,
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
+
+
+@contextlib.contextmanager
+def local_rank_zero_first():
+    """Run the body on each node's local rank 0 first, then on the node's other ranks (e.g. building an
+    on-disk cache once per node, then reading it). Every rank of the world must enter it."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if not first:
+        dist.barrier()
+    yield
+    if first:
+        dist.barrier()
 
 
 def _free_port() -> int:

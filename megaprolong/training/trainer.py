@@ -29,7 +29,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megaprolong.data.packing import Sample, balance_micro_batches
 from megaprolong.model.llama import build_model, transformer_config
-from megaprolong.runtime.device import device, init_distributed
+from megaprolong.runtime.device import device, init_distributed, local_rank_zero_first
 from megaprolong.training.config import Config, validate
 
 
@@ -233,9 +233,12 @@ class Trainer:
         return loss_sum / max(count, 1.0), int(count)
 
 
-def run(cfg: Config, dataset, log=print) -> list[StepMetrics]:
-    """Train ``cfg.train.steps`` steps on ``dataset`` (anything with ``global_batch(step, size)``)."""
+def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
+    """Train ``cfg.train.steps`` steps on ``make_dataset()`` (anything with ``global_batch(step, size)``),
+    built by one rank per node first so its on-disk index cache is built once per node."""
     trainer = Trainer(cfg)
+    with local_rank_zero_first():
+        dataset = make_dataset()
     history = []
     metrics_file = None
     if cfg.logging.metrics_file and dist.get_rank() == 0:
