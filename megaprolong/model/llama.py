@@ -91,13 +91,20 @@ def transformer_config(model: ModelConfig, **parallel_and_runtime) -> Transforme
 
 
 def layer_spec(config: TransformerConfig) -> ModuleSpec:
-    """The Llama decoder layer: TE's fused modules when available, megatron-core's local ones otherwise."""
+    """The Llama decoder layer: TE's fused modules when available; otherwise megatron-core's local modules
+    with our document-masked, context-parallel attention and a sequence-parallel-capable RMSNorm."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if have_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    from megaprolong.model.attention import DocumentMaskedAttention
+
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    submodules = dataclasses.replace(spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm)
+    attn = spec.submodules.self_attention
+    attn = ModuleSpec(module=attn.module, params=attn.params,
+                      submodules=dataclasses.replace(attn.submodules, core_attention=DocumentMaskedAttention))
+    submodules = dataclasses.replace(spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm,
+                                     self_attention=attn)
     return ModuleSpec(module=spec.module, params=spec.params, submodules=submodules)
 
 
@@ -105,10 +112,8 @@ def decoder_block_spec(config: TransformerConfig, vp_stage: int | None = None) -
     """The layers of this pipeline stage plus the final norm."""
     layer = layer_spec(config)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    final_norm = None
-    if not have_transformer_engine():
-        final_norm = RMSNorm
-    else:
+    final_norm = RMSNorm
+    if have_transformer_engine():
         from megatron.core.extensions.transformer_engine import TENorm
 
         final_norm = TENorm

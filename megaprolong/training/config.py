@@ -16,6 +16,7 @@ class ParallelConfig:
     vpp: int | None = None  # virtual pipeline stages per pipeline rank (interleaved schedule)
     cp: int = 1  # context parallel
     sequence_parallel: bool = False
+    cp_comm_type: str = "p2p"  # TransformerEngine's CP exchange: p2p (ring), a2a, all_gather, a2a+p2p
     distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
 
     def dp(self, world_size: int) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -28,6 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megaprolong.data.packing import Sample, balance_micro_batches
+from megaprolong.model.context_parallel import concat_packed, packed_seq_params, split_for_context_parallel
 from megaprolong.model.llama import build_model, transformer_config
 from megaprolong.runtime.device import device, init_distributed, local_rank_zero_first
 from megaprolong.training.config import Config, validate
@@ -41,18 +42,29 @@ class StepMetrics:
     lr: float
     tokens: int  # target tokens in the global batch
     step_time_s: float
+    domain_loss: list[float] = field(default_factory=list)  # token-averaged, per domain of the mix
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.step_time_s if self.step_time_s > 0 else 0.0
 
 
-def token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Megatron loss function: (sum of masked token losses, int token count, report for logging)."""
+def token_loss(loss_mask: torch.Tensor, domains: torch.Tensor, num_domains: int, per_token_loss: torch.Tensor):
+    """Megatron loss function: (sum of masked token losses, int token count, report for logging).
+
+    The report carries [sum, count] overall and per domain, summed later over micro-batches and the
+    data- and context-parallel ranks into exact global token averages.
+    """
     mask = loss_mask.reshape(-1).float()
-    total = torch.sum(per_token_loss.reshape(-1).float() * mask)
+    losses = per_token_loss.reshape(-1).float() * mask
+    total = losses.sum()
     count = mask.sum().to(torch.int)
-    return total, count, {"lm loss": torch.stack([total.detach(), count.detach().float()])}
+    dom = domains.reshape(-1).clamp(min=0).long()
+    by_domain = torch.zeros(num_domains, 2, dtype=torch.float32, device=losses.device)
+    by_domain[:, 0].index_add_(0, dom, losses.detach())
+    by_domain[:, 1].index_add_(0, dom, mask)
+    report = torch.cat([torch.stack([total.detach(), count.detach().float()]), by_domain.reshape(-1)])
+    return total, count, {"lm loss": report}
 
 
 class Trainer:
@@ -80,6 +92,7 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.step = 0
+        self.num_domains = 1  # set from the dataset's mix by run()
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _transformer_config(self):
@@ -99,6 +112,10 @@ class Trainer:
             pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
             bf16=bf16,
             calculate_per_token_loss=True,
+            cp_comm_type=p.cp_comm_type if p.cp > 1 else None,
+            # packed samples padded per document for CP vary in length: pipeline stages exchange shapes
+            # (megatron-core requires the alltoall dispatcher setting for that, even for dense models)
+            **({"variable_seq_lengths": True, "moe_token_dispatcher_type": "alltoall"} if p.pp > 1 else {}),
             **recompute,
         )
         config.finalize_model_grads_func = finalize_model_grads
@@ -164,29 +181,35 @@ class Trainer:
         )
 
     # ---- one step -----------------------------------------------------------------------------------
-    def _micro_batches(self, global_batch: list[Sample]) -> list[dict[str, torch.Tensor]]:
-        """This data-parallel rank's slice of the global batch, as micro-batch tensors on the device."""
-        mbs = self.cfg.train.micro_batch_size
+    def _micro_batches(self, global_batch: list[Sample]) -> list[dict]:
+        """This data-parallel rank's slice of the global batch as THD micro-batches on the device: each
+        sample padded per document and split over the context-parallel group (zigzag), then
+        ``micro_batch_size`` samples flattened into one packed sequence."""
+        p, mbs = self.cfg.parallel, self.cfg.train.micro_batch_size
         global_batch = balance_micro_batches(global_batch, self.dp_size, mbs)
         per_rank = len(global_batch) // self.dp_size
         mine = global_batch[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        cp_rank = ps.get_context_parallel_rank()
+        total_multiple = (2 * p.cp if p.cp > 1 else 1) * (p.tp if p.sequence_parallel else 1)
+        dev = device()
         batches = []
         for i in range(0, per_rank, mbs):
-            group = mine[i:i + mbs]
-            tokens = torch.from_numpy(np.stack([s.tokens for s in group]))
+            local = concat_packed([split_for_context_parallel(s, p.cp, cp_rank, total_multiple)
+                                   for s in mine[i:i + mbs]])
+            as_row = lambda a: torch.from_numpy(a).unsqueeze(0).to(dev)  # noqa: E731  [1, T/cp]
             batches.append({
-                "tokens": tokens.to(device()),
-                "position_ids": torch.arange(tokens.shape[1]).expand_as(tokens).to(device()),
-                "labels": torch.from_numpy(np.stack([s.labels for s in group])).to(device()),
-                "loss_mask": torch.from_numpy(np.stack([s.loss_mask for s in group])).to(device()),
+                "tokens": as_row(local.tokens), "labels": as_row(local.labels),
+                "loss_mask": as_row(local.loss_mask), "domains": as_row(local.domains),
+                "position_ids": as_row(local.position_ids),
+                "packed_seq_params": packed_seq_params(local, dev),
             })
         return batches
 
-    @staticmethod
-    def _forward_step(data_iterator, model):
+    def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
-        return output, partial(token_loss, batch["loss_mask"])
+        output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"],
+                       packed_seq_params=batch["packed_seq_params"])
+        return output, partial(token_loss, batch["loss_mask"], batch["domains"], self.num_domains)
 
     def forward_backward(self, global_batch: list[Sample]) -> list[dict]:
         """Gradients of the token-averaged loss of ``global_batch`` (every rank passes the whole batch)."""
@@ -201,7 +224,7 @@ class Trainer:
             model=self.model,
             num_microbatches=len(batches),
             seq_length=self.cfg.train.seq_length,
-            micro_batch_size=self.cfg.train.micro_batch_size,
+            micro_batch_size=1,  # THD: a micro-batch is one flattened [1, T/cp] sequence
             forward_only=False,
         )
 
@@ -217,20 +240,21 @@ class Trainer:
         start = time.perf_counter()
         reports = self.forward_backward(global_batch)
         grad_norm, lr = self.optimizer_step()
-        loss, tokens = self._global_loss(reports)
-        return StepMetrics(self.step, loss, grad_norm, lr, tokens, time.perf_counter() - start)
+        loss, tokens, per_domain = self._global_loss(reports)
+        return StepMetrics(self.step, loss, grad_norm, lr, tokens, time.perf_counter() - start, per_domain)
 
-    def _global_loss(self, reports: list[dict]) -> tuple[float, int]:
-        """Token-averaged loss over the global batch, known on every rank."""
-        totals = torch.zeros(2, dtype=torch.float64)
+    def _global_loss(self, reports: list[dict]) -> tuple[float, int, list[float]]:
+        """Token-averaged loss over the global batch (overall and per domain), known on every rank."""
+        totals = torch.zeros(2 + 2 * self.num_domains, dtype=torch.float64)
         for report in reports:  # only the last pipeline stage has reports
             totals += report["lm loss"].double().cpu()
         totals = totals.to(device())
         dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
         # Broadcast from the last pipeline stage so every rank can log the same value.
         dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
-        loss_sum, count = totals.tolist()
-        return loss_sum / max(count, 1.0), int(count)
+        t = totals.cpu().tolist()
+        per_domain = [t[2 + 2 * d] / t[3 + 2 * d] if t[3 + 2 * d] else math.nan for d in range(self.num_domains)]
+        return t[0] / max(t[1], 1.0), int(t[1]), per_domain
 
 
 def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
@@ -239,6 +263,8 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
     trainer = Trainer(cfg)
     with local_rank_zero_first():
         dataset = make_dataset()
+    names = getattr(dataset, "domain_names", ["data"])
+    trainer.num_domains = len(names)
     history = []
     metrics_file = None
     if cfg.logging.metrics_file and dist.get_rank() == 0:
@@ -251,8 +277,10 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
                 log(f"step {m.step:>5}/{cfg.train.steps} | loss {m.loss:.4f} | grad norm {m.grad_norm:.3f} | "
                     f"lr {m.lr:.3e} | {m.tokens_per_s:,.0f} tok/s")
                 if metrics_file:
-                    metrics_file.write(json.dumps({"step": m.step, "loss": m.loss, "grad_norm": m.grad_norm,
-                                                   "lr": m.lr, "tokens_per_s": m.tokens_per_s}) + "\n")
+                    metrics_file.write(json.dumps({
+                        "step": m.step, "loss": m.loss, "grad_norm": m.grad_norm, "lr": m.lr,
+                        "tokens_per_s": m.tokens_per_s, "tokens": m.tokens, "step_time_s": m.step_time_s,
+                        "domain_loss": dict(zip(names, m.domain_loss))}) + "\n")
                     metrics_file.flush()
     finally:
         if metrics_file:
