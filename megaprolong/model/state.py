@@ -21,7 +21,7 @@ from megatron.core import parallel_state as ps
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
     while hasattr(chunk, "module"):  # DDP, Float16Module
         chunk = chunk.module
     return chunk
@@ -29,7 +29,7 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 
 def _global_names(chunk: torch.nn.Module):
     """(global name, parameter) for one model chunk; layer indices made global."""
-    model = _unwrap(chunk)
+    model = unwrap_model(chunk)
     offset = model.decoder.layers[0].layer_number - 1 if len(model.decoder.layers) else 0
     for name, param in model.named_parameters():
         name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)

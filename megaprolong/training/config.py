@@ -58,6 +58,15 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    dir: str | None = None  # where step_N/ checkpoints go (and are resumed from)
+    interval: int = 0  # save every N steps (0: only at the end and on SIGTERM/SIGUSR1)
+    resume: str = "auto"  # "auto": continue from the newest complete checkpoint in dir; "none"; or a path
+    load: str | None = None  # start this stage from a checkpoint: weights + optimizer state, fresh schedule
+    keep: int | None = None  # keep only the newest N checkpoints
+
+
+@dataclass
 class LoggingConfig:
     metrics_file: str | None = None  # JSONL, one object per step
 
@@ -69,6 +78,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,6 +32,7 @@ from megaprolong.data.packing import Sample, balance_micro_batches
 from megaprolong.model.context_parallel import concat_packed, packed_seq_params, split_for_context_parallel
 from megaprolong.model.llama import build_model, transformer_config
 from megaprolong.runtime.device import device, init_distributed, local_rank_zero_first
+from megaprolong.training import checkpoint
 from megaprolong.training.config import Config, validate
 
 
@@ -257,6 +259,49 @@ class Trainer:
         return t[0] / max(t[1], 1.0), int(t[1]), per_domain
 
 
+class _StopRequest:
+    """SIGTERM / SIGUSR1 (Slurm preemption, time limit) ask the run to checkpoint and exit after the
+    current step; ranks agree through an all-reduce so they all save the same step."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _start(trainer: Trainer, log) -> None:
+    """Resume the run from its newest checkpoint, or start a stage from another run's checkpoint."""
+    ck = trainer.cfg.checkpoint
+    resume_from = None
+    if ck.resume == "auto" and ck.dir:
+        found = checkpoint.complete_checkpoints(ck.dir)
+        resume_from = found[-1] if found else None
+    elif ck.resume not in ("auto", "none"):
+        resume_from = ck.resume
+    if resume_from is not None:
+        meta = checkpoint.load(trainer, resume_from, resume=True)
+        log(f"resumed from {resume_from} at step {trainer.step}" + _optimizer_note(meta))
+    elif ck.load:
+        meta = checkpoint.load(trainer, ck.load, resume=False)
+        log(f"stage start from {ck.load} (step {meta['step']}){_optimizer_note(meta)}; LR schedule restarts; "
+            f"RoPE base {trainer.cfg.model.rope_base:g} (checkpoint had {meta['rope_base']:g})")
+
+
+def _optimizer_note(meta: dict) -> str:
+    if meta["optimizer_loaded"]:
+        return ", weights + optimizer state"
+    return (f", weights only: the checkpoint's layout {meta.get('layout')} differs in TP/PP, so the optimizer "
+            f"state (saved DP-reshardable) starts fresh")
+
+
 def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
     """Train ``cfg.train.steps`` steps on ``make_dataset()`` (anything with ``global_batch(step, size)``),
     built by one rank per node first so its on-disk index cache is built once per node."""
@@ -265,6 +310,10 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
         dataset = make_dataset()
     names = getattr(dataset, "domain_names", ["data"])
     trainer.num_domains = len(names)
+    say = log if dist.get_rank() == 0 else (lambda *_: None)
+    _start(trainer, say)
+    stop = _StopRequest()
+    ck = cfg.checkpoint
     history = []
     metrics_file = None
     if cfg.logging.metrics_file and dist.get_rank() == 0:
@@ -282,6 +331,14 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
                         "tokens_per_s": m.tokens_per_s, "tokens": m.tokens, "step_time_s": m.step_time_s,
                         "domain_loss": dict(zip(names, m.domain_loss))}) + "\n")
                     metrics_file.flush()
+            stopping = stop.agreed()
+            due = ck.interval and trainer.step % ck.interval == 0
+            if ck.dir and (due or stopping or trainer.step == cfg.train.steps):
+                path = checkpoint.save(trainer, ck.dir, keep=ck.keep)
+                say(f"saved {path}")
+            if stopping:
+                say(f"stop requested (SIGTERM/SIGUSR1): checkpointed at step {trainer.step}, exiting")
+                break
     finally:
         if metrics_file:
             metrics_file.close()

@@ -23,7 +23,8 @@ from megaprolong.training.trainer import Trainer
 TINY = ["model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
         "model.num_query_groups=2", "model.vocab_size=256", "train.seq_length=32", "train.global_batch_size=8",
         "train.micro_batch_size=1", "train.steps=3", "train.precision=fp32", "train.recompute=none",
-        "optimizer.lr=1e-2", "optimizer.clip_grad=0.5",  # below the grad norms (~1): clipping acts "optimizer.warmup_fraction=0.0",
+        "optimizer.lr=1e-2", "optimizer.warmup_fraction=0.0",
+        "optimizer.clip_grad=0.5",  # below the grad norms (~1): clipping acts on every step
         # eps well above the gradient noise of a different summation order, so that Adam updates
         # (~lr * g / (|g| + eps)) compare tightly across layouts
         "optimizer.eps=1e-3"]

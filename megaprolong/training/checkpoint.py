@@ -1,0 +1,161 @@
+"""Distributed checkpoints (megatron-core dist_checkpointing, torch_dist) with resume and stage starts.
+
+Layout: ``DIR/step_00001234/`` holds the sharded model and optimizer state plus ``megaprolong.json``
+(step, LR-schedule state, RoPE base, config) and one RNG file per rank. A checkpoint is written under
+``step_N.tmp`` and renamed only after every rank finished and the metadata is in place, so an interrupted
+save is never picked by ``--resume auto``.
+
+Weights are saved reshardable (they load under any TP/PP/CP/DP layout); optimizer state is saved
+DP-reshardable (it loads under another DP/CP size with the same TP/PP).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+from megaprolong.model.state import unwrap_model
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_META = "megaprolong.json"
+_OPTIM_META = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (a dir counts once its metadata is in place)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / _META).exists()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def _sharded_state(trainer, is_loading: bool, with_optimizer: bool) -> dict:
+    model = {}
+    for i, chunk in enumerate(trainer.model):  # GPTModel names, whatever wraps it (DDP, Float16Module)
+        model[f"model{i}" if len(trainer.model) > 1 else "model"] = unwrap_model(chunk).sharded_state_dict()
+    state = dict(model)
+    if with_optimizer:
+        if is_loading:
+            _materialize_optimizer_state(trainer.optimizer)
+        flat = {}
+        for v in model.values():
+            flat.update(v)
+        state["optimizer"] = trainer.optimizer.sharded_state_dict(flat, is_loading=is_loading, metadata=_OPTIM_META)
+    return state
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """megatron's distributed optimizer (without apex/TE) can describe a checkpoint to load only once its
+    Adam state exists: create that state with one zero-learning-rate step, which changes no weight."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or len(inner.state) or not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            continue
+        rates = [g["lr"] for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"] = 0.0
+        opt._init_optimizer_states_with_dummy_values()
+        for g, lr in zip(inner.param_groups, rates):
+            g["lr"] = lr
+
+
+def _restore_adam_step(optimizer) -> None:
+    """With torch's AdamW (no apex/TE), megatron keeps the step count in the param groups but restores the
+    per-parameter ``step`` as one tensor shared by all parameters (so every update advances it once per
+    parameter) or from the placeholder state: give every parameter its own count (bias correction)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in getattr(getattr(opt, "optimizer", None), "param_groups", []):
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                state = opt.optimizer.state.get(p)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype,
+                                                 device=state["step"].device)
+
+
+def save(trainer, root: str | Path, keep: int | None = None) -> Path:
+    """Save model, optimizer, schedule and RNG at ``trainer.step``; collective over all ranks."""
+    root = Path(root)
+    final = root / f"step_{trainer.step:08d}"
+    tmp = root / f"step_{trainer.step:08d}.tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(trainer, is_loading=False, with_optimizer=True), str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{dist.get_rank():05d}.pt")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        meta = {"step": trainer.step, "scheduler": trainer.scheduler.state_dict(),
+                "rope_base": trainer.cfg.model.rope_base, "world_size": dist.get_world_size(),
+                "layout": _layout(trainer),
+                "config": asdict(trainer.cfg)}
+        (tmp / _META).write_text(json.dumps(meta, indent=2, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if keep:
+            for old in complete_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load(trainer, path: str | Path, resume: bool) -> dict:
+    """Load a checkpoint into ``trainer``.
+
+    ``resume=True`` continues the run: step, LR schedule and RNG come back too (the data position is the
+    step). ``resume=False`` starts a new stage from it: weights and optimizer state only; the schedule
+    restarts at step 0. Either way the RoPE base is the config's (RoPE has no saved state), and the
+    checkpoint's own value is only reported.
+    """
+    path = Path(path)
+    meta = json.loads((path / _META).read_text())
+    # Optimizer shards are saved DP-reshardable (megatron's fully-reshardable format does not load with
+    # torch's AdamW in 0.19); under another TP/PP/VPP layout only the (reshardable) weights are loaded.
+    same_layout = meta.get("layout") == _layout(trainer)
+    state = dist_checkpointing.load(_sharded_state(trainer, is_loading=True, with_optimizer=same_layout), str(path))
+    for i, chunk in enumerate(trainer.model):
+        unwrap_model(chunk).load_state_dict(state[f"model{i}" if len(trainer.model) > 1 else "model"])
+    if same_layout:
+        with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
+            trainer.optimizer.load_state_dict(state["optimizer"])
+        _restore_adam_step(trainer.optimizer)
+    else:
+        trainer.optimizer.reload_model_params()  # fp32 master copies from the loaded weights
+    meta["optimizer_loaded"] = same_layout
+    if resume:
+        trainer.step = meta["step"]
+        trainer.scheduler.load_state_dict(meta["scheduler"])
+        rng_file = path / f"rng_rank{dist.get_rank():05d}.pt"
+        if rng_file.exists() and meta.get("world_size") == dist.get_world_size():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+    return meta
+
+
+def _layout(trainer) -> dict:
+    p = trainer.cfg.parallel
+    return {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "distributed_optimizer": p.distributed_optimizer}
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])

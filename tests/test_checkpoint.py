@@ -1,0 +1,118 @@
+"""Checkpoints: kill -9 and resume, preemption signal, never an interrupted save, stage starts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from launch import torchrun
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 6
+
+
+def test_interrupted_save_is_never_picked(tmp_path):
+    from megaprolong.training.checkpoint import complete_checkpoints
+
+    for name, complete in (("step_00000002", True), ("step_00000004", True), ("step_00000006.tmp", True),
+                           ("step_00000008", False)):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / "megaprolong.json").write_text("{}")
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_corpus, tiny_tokenizer):
+    from megaprolong.data.preprocess import PreprocessConfig, preprocess
+    from megaprolong.data.tiny import write_jsonl
+
+    root = tmp_path_factory.mktemp("data")
+    for domain in ("books", "code", "web"):
+        src = write_jsonl([d for d in tiny_corpus if d["domain"] == domain], root / f"{domain}.jsonl")
+        preprocess(PreprocessConfig(inputs=[str(src)], tokenizer=str(tiny_tokenizer), output_prefix=str(root / domain),
+                                    add_eos=True, quiet=True, group_by="repo" if domain == "code" else None))
+    return root
+
+
+def train_args(data, ckpt, metrics, *extra):
+    return ["--config", str(REPO / "examples/tiny_stage1.yaml"), f"data.mix={REPO / 'examples/mixes/tiny_stage1.yaml'}",
+            f"data.root={data}", f"train.steps={STEPS}", "model.vocab_size=512", f"checkpoint.dir={ckpt}",
+            f"logging.metrics_file={metrics}", *extra]
+
+
+def losses(metrics):
+    """The last logged loss of every step (a resumed run logs the steps after its checkpoint again)."""
+    out = {}
+    for line in Path(metrics).read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = row["loss"]
+    return [out[s] for s in sorted(out)]
+
+
+def launch(args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "megaprolong.train", *args]
+    return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("straight")
+    torchrun("megaprolong.train", 2, *train_args(data, d / "ckpt", d / "m.jsonl"))
+    return d, losses(d / "m.jsonl")
+
+
+@pytest.mark.multirank
+def test_kill_9_then_resume_equals_uninterrupted(data, tmp_path, uninterrupted):
+    _, want = uninterrupted
+    args = train_args(data, tmp_path / "ckpt", tmp_path / "m.jsonl", "checkpoint.interval=2")
+    proc = launch(args)
+    wait_for(lambda: (tmp_path / "ckpt" / "step_00000002" / "megaprolong.json").exists(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
+    proc.wait()
+    out = torchrun("megaprolong.train", 2, *args)
+    assert "resumed from" in out
+    torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.multirank
+def test_preemption_signal_checkpoints_exits_and_resumes(data, tmp_path, uninterrupted):
+    _, want = uninterrupted
+    args = train_args(data, tmp_path / "ckpt", tmp_path / "m.jsonl")
+    proc = launch(args)
+    wait_for(lambda: (tmp_path / "m.jsonl").exists() and len((tmp_path / "m.jsonl").read_text().splitlines()) >= 2, proc)
+    for child in psutil.Process(proc.pid).children(recursive=True):  # what Slurm's --signal reaches
+        child.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stop requested" in out
+    saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert len(saved) == 1 and saved[0] != f"step_{STEPS:08d}"
+    out = torchrun("megaprolong.train", 2, *args)
+    assert "resumed from" in out
+    torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.multirank
+def test_stage_start_from_other_layout_uses_new_rope_base_and_fresh_schedule(data, uninterrupted):
+    d, _ = uninterrupted
+    out = torchrun("stage_start.py", 1, str(d / "ckpt" / f"step_{STEPS:08d}"),
+                   str(REPO / "examples/mixes/tiny_stage1.yaml"), str(data))
+    assert "STAGE_START_OK" in out

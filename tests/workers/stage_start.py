@@ -1,0 +1,46 @@
+"""Start a new stage from a checkpoint saved under another layout (run under torchrun, 1 rank).
+
+Usage: stage_start.py CKPT_DIR DATA_MIX DATA_ROOT
+Checks: the weights equal the checkpoint's (TP2 -> TP1 resharding), the model uses the config's new RoPE
+base (not the checkpoint's), and the LR schedule restarts at step 0. Prints STAGE_START_OK.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing
+
+from megaprolong.config import load_config
+from megaprolong.model.state import unwrap_model
+from megaprolong.training.config import Config
+from megaprolong.training.trainer import Trainer, _start
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def main(ckpt: str, mix: str, root: str):
+    cfg = load_config(Config, REPO / "examples" / "tiny_stage1.yaml", [
+        "parallel.tp=1", "parallel.sequence_parallel=false", "model.rope_base=128000000.0", "train.steps=10",
+        f"checkpoint.load={ckpt}", "checkpoint.resume=none", f"data.mix={mix}", f"data.root={root}"])
+    trainer = Trainer(cfg)
+    logs = []
+    _start(trainer, logs.append)
+    assert trainer.step == 0 and trainer.optimizer.param_groups[0]["lr"] == 0.0, "schedule must restart (warmup)"
+    assert "LR schedule restarts" in logs[0] and "RoPE base 1.28e+08 (checkpoint had 8e+06)" in logs[0], logs
+    model = unwrap_model(trainer.model[0])
+    inv_freq = model.rotary_pos_emb.inv_freq.double()
+    d = cfg.model.head_dim
+    want = 1.0 / (128000000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    torch.testing.assert_close(inv_freq, want, rtol=1e-6, atol=0)
+    # weights: the checkpoint's, gathered from its TP2 shards by dist_checkpointing
+    saved = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)["model"]
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), saved[name].to(param.dtype), rtol=0, atol=0)
+    assert json.loads((Path(ckpt) / "megaprolong.json").read_text())["rope_base"] == 8000000.0
+    print("STAGE_START_OK")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
