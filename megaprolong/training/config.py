@@ -69,6 +69,9 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     metrics_file: str | None = None  # JSONL, one object per step
+    tensorboard_dir: str | None = None  # written when tensorboard is installed
+    wandb_project: str | None = None  # logged when wandb is installed
+    wandb_run_name: str | None = None
 
 
 @dataclass

@@ -9,7 +9,6 @@ gradients by the global token count (``calculate_per_token_loss``), REFERENCE.md
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -34,6 +33,8 @@ from megaprolong.model.llama import build_model, transformer_config
 from megaprolong.runtime.device import device, init_distributed, local_rank_zero_first
 from megaprolong.training import checkpoint
 from megaprolong.training.config import Config, validate
+from megaprolong.training.flops import train_step_flops
+from megaprolong.training.metrics import MetricsLogger
 
 
 @dataclass
@@ -45,6 +46,7 @@ class StepMetrics:
     tokens: int  # target tokens in the global batch
     step_time_s: float
     domain_loss: list[float] = field(default_factory=list)  # token-averaged, per domain of the mix
+    tflops_per_gpu: float = 0.0  # model FLOPs, attention counted per document
 
     @property
     def tokens_per_s(self) -> float:
@@ -243,7 +245,10 @@ class Trainer:
         reports = self.forward_backward(global_batch)
         grad_norm, lr = self.optimizer_step()
         loss, tokens, per_domain = self._global_loss(reports)
-        return StepMetrics(self.step, loss, grad_norm, lr, tokens, time.perf_counter() - start, per_domain)
+        elapsed = time.perf_counter() - start
+        flops = train_step_flops(self.cfg.model, [np.diff(s.cu_seqlens) for s in global_batch])
+        return StepMetrics(self.step, loss, grad_norm, lr, tokens, elapsed, per_domain,
+                           flops / elapsed / dist.get_world_size() / 1e12)
 
     def _global_loss(self, reports: list[dict]) -> tuple[float, int, list[float]]:
         """Token-averaged loss over the global batch (overall and per domain), known on every rank."""
@@ -315,22 +320,12 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
     stop = _StopRequest()
     ck = cfg.checkpoint
     history = []
-    metrics_file = None
-    if cfg.logging.metrics_file and dist.get_rank() == 0:
-        metrics_file = open(cfg.logging.metrics_file, "a")
+    metrics = MetricsLogger(cfg.logging, names, cfg.train.steps, enabled=dist.get_rank() == 0, print_fn=log)
     try:
         while trainer.step < cfg.train.steps:
             m = trainer.train_step(dataset.global_batch(trainer.step, cfg.train.global_batch_size))
             history.append(m)
-            if dist.get_rank() == 0:
-                log(f"step {m.step:>5}/{cfg.train.steps} | loss {m.loss:.4f} | grad norm {m.grad_norm:.3f} | "
-                    f"lr {m.lr:.3e} | {m.tokens_per_s:,.0f} tok/s")
-                if metrics_file:
-                    metrics_file.write(json.dumps({
-                        "step": m.step, "loss": m.loss, "grad_norm": m.grad_norm, "lr": m.lr,
-                        "tokens_per_s": m.tokens_per_s, "tokens": m.tokens, "step_time_s": m.step_time_s,
-                        "domain_loss": dict(zip(names, m.domain_loss))}) + "\n")
-                    metrics_file.flush()
+            metrics.log(m)
             stopping = stop.agreed()
             due = ck.interval and trainer.step % ck.interval == 0
             if ck.dir and (due or stopping or trainer.step == cfg.train.steps):
@@ -340,6 +335,5 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
                 say(f"stop requested (SIGTERM/SIGUSR1): checkpointed at step {trainer.step}, exiting")
                 break
     finally:
-        if metrics_file:
-            metrics_file.close()
+        metrics.close()
     return history

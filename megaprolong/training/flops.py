@@ -1,0 +1,29 @@
+"""Model FLOPs of a training step on packed sequences, attention counted per document.
+
+With document masking, a sequence of documents of lengths L_i costs sum(L_i^2) in attention, not S^2:
+crediting the full S^2 would overstate long-context throughput several-fold. Counted as model FLOPs
+(forward + backward = 3 x forward, activation recomputation not counted), matmuls only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from megaprolong.model.llama import ModelConfig
+
+
+def forward_flops(model: ModelConfig, doc_lengths: np.ndarray) -> float:
+    """Forward FLOPs of one packed sequence whose documents have ``doc_lengths`` tokens."""
+    lengths = np.asarray(doc_lengths, dtype=np.float64)
+    tokens = lengths.sum()
+    h, d = model.hidden_size, model.head_dim
+    kv = model.num_query_groups * d
+    per_token_layer = 2 * h * (h + 2 * kv) + 2 * h * h + 2 * 3 * h * model.ffn_hidden_size  # qkv, proj, SwiGLU
+    # causal attention inside each document: QK^T and AV over L(L+1)/2 pairs, all heads
+    attention_layer = 2 * 2 * model.num_attention_heads * d * float(np.sum(lengths * (lengths + 1) / 2))
+    logits = 2 * h * model.vocab_size * tokens
+    return model.num_layers * (per_token_layer * tokens + attention_layer) + logits
+
+
+def train_step_flops(model: ModelConfig, samples_doc_lengths: list[np.ndarray]) -> float:
+    return 3.0 * sum(forward_flops(model, lengths) for lengths in samples_doc_lengths)
