@@ -2,9 +2,11 @@
 
 1. build a small multi-domain corpus and a byte-level BPE tokenizer (HF ``tokenizers``);
 2. preprocess each domain (books, code grouped by repository, web) into a Megatron indexed dataset;
-3. train a tiny Llama with tensor parallelism (TP=2 + sequence parallel) on 2 gloo ranks under torchrun
-   (``megaprolong-train --config examples/tiny_stage1.yaml``) on ProLong's mix shape (long documents as
-   single-document chunks, short documents packed), printing each step's loss.
+3. stage 1: train a tiny Llama with tensor parallelism (TP=2 + sequence parallel) on 2 gloo ranks on
+   ProLong's mix shape (long documents as single-document chunks, short documents packed);
+4. stage 2: 4x longer sequences split over 2 context-parallel ranks with document-masked attention,
+   RoPE base raised to 1.28e8, starting from the stage-1 checkpoint with a fresh LR schedule.
+Each step's loss is printed; a summary table closes the run.
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.workdir)
     t0 = time.time()
-    _step("1/3 corpus and tokenizer")
+    _step("1/4 corpus and tokenizer")
     docs = synthetic_corpus(n_docs=600, seed=0)
     corpus = write_jsonl(docs, work / "corpus.jsonl")
     tok = train_tokenizer([d["text"] for d in docs], work / "tokenizer", vocab_size=512)
     print(f"{len(docs)} documents -> {corpus}; tokenizer -> {tok}")
 
-    _step("2/3 preprocess each domain to a Megatron indexed dataset")
+    _step("2/4 preprocess each domain to a Megatron indexed dataset")
     for domain, extra in (("books", {}), ("code", {"group_by": "repo"}), ("web", {})):
         src = write_jsonl([d for d in docs if d["domain"] == domain], work / f"{domain}.jsonl")
         report = preprocess(PreprocessConfig(inputs=[str(src)], tokenizer=str(tok.parent), quiet=True,
@@ -50,23 +52,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{domain:>5}: {report['documents']:>4} documents, {report['tokens']:>7,} tokens -> "
               f"{work / 'data' / domain}.bin/.idx" + (" (files grouped by repository)" if extra else ""))
 
-    _step("3/3 train a tiny Llama, TP=2 + sequence parallel, 2 gloo ranks")
-    metrics = work / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "megaprolong.train", "--config", str(REPO / "examples" / "tiny_stage1.yaml"),
-           f"data.mix={REPO / 'examples' / 'mixes' / 'tiny_stage1.yaml'}", f"data.root={work / 'data'}",
-           f"train.steps={args.steps}",
-           f"logging.metrics_file={metrics}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-        print(f"demo: training failed (exit {proc.returncode})", file=sys.stderr)
-        return proc.returncode
-    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    summary = []
+    for n, (stage, title) in enumerate((("tiny_stage1", "stage 1: TP=2 + sequence parallel, 128-token sequences"),
+                                        ("tiny_stage2", "stage 2: CP=2, 512-token sequences, RoPE base 1.28e8")),
+                                       start=3):
+        _step(f"{n}/4 {title}")
+        out = work / stage
+        metrics = out / "metrics.jsonl"
+        metrics.unlink(missing_ok=True)
+        overrides = [f"data.root={work / 'data'}", f"checkpoint.dir={out / 'ckpt'}", "checkpoint.resume=none",
+                     f"logging.metrics_file={metrics}"]
+        if stage == "tiny_stage1":
+            overrides.append(f"train.steps={args.steps}")
+        else:
+            overrides.append(f"checkpoint.load={work / 'tiny_stage1' / 'ckpt'}")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "megaprolong.train", "--config", str(REPO / "examples" / f"{stage}.yaml"), *overrides]
+        proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+        if proc.returncode != 0:
+            print(f"demo: {stage} failed (exit {proc.returncode})", file=sys.stderr)
+            return proc.returncode
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        summary.append((stage, len(rows), rows[0]["loss"], rows[-1]["loss"],
+                        sum(r["tokens_per_s"] for r in rows) / len(rows), out / "ckpt"))
     print(f"\n=== summary ({time.time() - t0:.0f} s)")
-    print(f"loss: first step {losses[0]:.3f} -> last step {losses[-1]:.3f} over {len(losses)} steps")
-    print(f"metrics: {metrics}")
+    print(f"{'stage':<12} {'steps':>5} {'first loss':>10} {'last loss':>10} {'tokens/s':>9}  checkpoint")
+    for stage, steps, first, last, tps, ckpt in summary:
+        print(f"{stage:<12} {steps:>5} {first:>10.3f} {last:>10.3f} {tps:>9,.0f}  {ckpt}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from megaprolong.config import ConfigError, load_config
@@ -35,13 +36,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def resolve_paths(cfg: Config, config_file: str | None) -> None:
+    """Relative paths inside a recipe are relative to the recipe's folder (so recipes travel with their
+    mixes); given on the command line, they are relative to the working directory as usual."""
+    if not config_file:
+        return
+    import yaml
+
+    base = os.path.dirname(os.path.abspath(config_file))
+    written = yaml.safe_load(open(config_file)) or {}
+    for section, key in (("data", "mix"), ("data", "root"), ("data", "prefix"), ("data", "cache_dir"),
+                         ("checkpoint", "dir"), ("checkpoint", "load"), ("logging", "metrics_file")):
+        value = getattr(getattr(cfg, section), key)
+        from_file = (written.get(section) or {}).get(key)
+        if value and value == from_file and not os.path.isabs(value):
+            setattr(getattr(cfg, section), key, os.path.normpath(os.path.join(base, value)))
+
+
 def build_dataset(cfg: Config):
     """The run's data: a mix of domains, or one dataset of short documents."""
-    import os
-
     from megaprolong.data.dataset import MixDataset, load_mix, single_domain
 
     total = cfg.train.steps * cfg.train.global_batch_size
+    if cfg.data.prepare == "tiny":
+        from megaprolong.data.tiny import prepare_tiny_data
+
+        prepare_tiny_data(cfg.data.root)
+    elif cfg.data.prepare is not None:
+        raise ConfigError(f"data.prepare={cfg.data.prepare!r}: only 'tiny' is known")
     if cfg.data.mix:
         spec = load_mix(cfg.data.mix, cfg.data.root)
         if spec.seq_length != cfg.train.seq_length:
@@ -56,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(Config, args.config, args.overrides)
+        resolve_paths(cfg, args.config)
     except ConfigError as e:
         print(f"megaprolong-train: {e}", file=sys.stderr)
         return 2

@@ -75,3 +75,20 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 512) -> P
     tok.save(str(tmp))
     tmp.replace(path)
     return path
+
+
+def prepare_tiny_data(root: str | Path) -> Path:
+    """The tiny recipes' data, built on first use and cached: corpus, tokenizer, and one indexed dataset
+    per domain (books, code grouped by repository, web) under ``root``."""
+    from megaprolong.data.preprocess import PreprocessConfig, preprocess
+
+    root = Path(root)
+    if all((root / f"{d}.idx").exists() for d in ("books", "code", "web")):
+        return root
+    docs = synthetic_corpus(n_docs=600, seed=0)
+    tok = train_tokenizer([d["text"] for d in docs], root / "tokenizer", vocab_size=512)
+    for domain in ("books", "code", "web"):
+        src = write_jsonl([d for d in docs if d["domain"] == domain], root / "raw" / f"{domain}.jsonl")
+        preprocess(PreprocessConfig(inputs=[str(src)], tokenizer=str(tok.parent), output_prefix=str(root / domain),
+                                    add_eos=True, quiet=True, group_by="repo" if domain == "code" else None))
+    return root

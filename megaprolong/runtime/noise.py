@@ -17,8 +17,10 @@ _MESSAGES = [
     r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor|_all_gather_base|_reduce_scatter_base)` is deprecated",
     r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
     r"Could not determine rank from torch\.distributed",
+    r"Please use DTensor instead and we are deprecating ShardedTensor",
 ]
-_LOG_MESSAGES = ("GPTModel IS DEPRECATED", "full_param_layout not provided", "No CUDA runtime is found")
+_LOG_MESSAGES = ("GPTModel IS DEPRECATED", "full_param_layout not provided", "No CUDA runtime is found",
+                 "MCore's async save is deprecated")
 
 
 class _DropMessages(logging.Filter):
@@ -31,5 +33,6 @@ def silence_known_noise() -> None:
     for pattern in _MESSAGES:
         warnings.filterwarnings("ignore", message=f".*{pattern}")
     for name in ("torch.utils.cpp_extension", "megatron.core.models.gpt.gpt_model",
-                 "megatron.core.distributed.distributed_data_parallel"):
+                 "megatron.core.distributed.distributed_data_parallel",
+                 "megatron.core.dist_checkpointing.strategies.torch"):
         logging.getLogger(name).addFilter(_DropMessages())

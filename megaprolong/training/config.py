@@ -55,6 +55,7 @@ class DataConfig:
     root: str | None = None  # where the mix's relative prefixes live (default: the mix file's folder)
     prefix: str | None = None  # or a single indexed dataset (PREFIX.bin / PREFIX.idx) of short documents
     cache_dir: str | None = None  # packed-index cache (default: PREFIX's folder/.megaprolong_cache)
+    prepare: str | None = None  # "tiny": build the tiny recipes' corpus and datasets in data.root if missing
 
 
 @dataclass
@@ -62,7 +63,7 @@ class CheckpointConfig:
     dir: str | None = None  # where step_N/ checkpoints go (and are resumed from)
     interval: int = 0  # save every N steps (0: only at the end and on SIGTERM/SIGUSR1)
     resume: str = "auto"  # "auto": continue from the newest complete checkpoint in dir; "none"; or a path
-    load: str | None = None  # start this stage from a checkpoint: weights + optimizer state, fresh schedule
+    load: str | None = None  # start this stage from a checkpoint (or the newest in a dir): weights + optimizer, fresh schedule
     keep: int | None = None  # keep only the newest N checkpoints
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 
 
@@ -15,6 +16,7 @@ class MetricsLogger:
         if not enabled:
             return
         if cfg.metrics_file:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.metrics_file)), exist_ok=True)
             self.jsonl = open(cfg.metrics_file, "a")
         if cfg.tensorboard_dir:
             try:

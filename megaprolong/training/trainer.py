@@ -295,8 +295,9 @@ def _start(trainer: Trainer, log) -> None:
         meta = checkpoint.load(trainer, resume_from, resume=True)
         log(f"resumed from {resume_from} at step {trainer.step}" + _optimizer_note(meta))
     elif ck.load:
-        meta = checkpoint.load(trainer, ck.load, resume=False)
-        log(f"stage start from {ck.load} (step {meta['step']}){_optimizer_note(meta)}; LR schedule restarts; "
+        found = checkpoint.complete_checkpoints(ck.load)  # a run's checkpoint dir: its newest
+        meta = checkpoint.load(trainer, found[-1] if found else ck.load, resume=False)
+        log(f"stage start from {found[-1] if found else ck.load} (step {meta['step']}){_optimizer_note(meta)}; LR schedule restarts; "
             f"RoPE base {trainer.cfg.model.rope_base:g} (checkpoint had {meta['rope_base']:g})")
 
 
