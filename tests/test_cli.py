@@ -54,8 +54,10 @@ def test_tiny_recipe_trains_with_tp2(tmp_path, tiny_corpus, tiny_tokenizer):
                                 output_prefix=str(tmp_path / "d"), quiet=True))
     metrics = tmp_path / "m.jsonl"
     torchrun("megaprolong.train", 2, "--config", str(REPO / "examples/tiny_stage1.yaml"),
-             f"data.prefix={tmp_path / 'd'}", "train.steps=12", f"logging.metrics_file={metrics}")
+             "data.mix=", "data.prepare=", f"data.prefix={tmp_path / 'd'}", "train.steps=12",
+             f"checkpoint.dir={tmp_path / 'ckpt'}", f"logging.metrics_file={metrics}")
     rows = [json.loads(l) for l in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
-    assert all({"loss", "grad_norm", "lr", "tokens_per_s"} <= r.keys() for r in rows)
+    assert all({"loss", "grad_norm", "lr", "tokens_per_s", "tflops_per_gpu", "domain_loss"} <= r.keys() for r in rows)
+    assert (tmp_path / "ckpt" / "step_00000012" / "megaprolong.json").exists()
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, "tiny model must learn the synthetic corpus"

@@ -44,6 +44,13 @@ def _chunks(cu_padded: np.ndarray, cp: int, rank: int):
     return out
 
 
+def _expand_kv(x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """GQA: repeat each KV head for its query heads. (SDPA's enable_gqa would skip this copy but sends
+    the GPU to its O(L^2)-memory math kernel; the copy keeps the flash / memory-efficient kernels.)"""
+    groups = x.shape[dim]
+    return x if groups == heads else x.repeat_interleave(heads // groups, dim=dim)
+
+
 class DocumentMaskedAttention(MegatronModule):
     """Exact causal attention within each document of a packed sequence (any CP size, GQA)."""
 
@@ -64,7 +71,8 @@ class DocumentMaskedAttention(MegatronModule):
             if self.cp_group.size() > 1:
                 raise ValueError("context parallelism needs packed (THD) input with PackedSeqParams")
             q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+            k, v = _expand_kv(k, q.shape[1], dim=1), _expand_kv(v, q.shape[1], dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
             s, b = query.shape[0], query.shape[1]
             return out.permute(2, 0, 1, 3).reshape(s, b, -1)
         return self._packed(query, key, value, packed_seq_params)
@@ -83,19 +91,21 @@ class DocumentMaskedAttention(MegatronModule):
         chunks = _chunks(cu_np, cp, rank)
         if flash_attn_varlen_func is not None and q.is_cuda:
             return self._flash(q, k, v, chunks)
+        k, v = _expand_kv(k, q.shape[1], dim=1), _expand_kv(v, q.shape[1], dim=1)
         out = torch.empty_like(q)
         for row, start, doc_start, n in chunks:
-            qc = q[row:row + n].transpose(0, 1)  # [h, n, d]
-            kc = k[doc_start:start + n].transpose(0, 1)  # the document's keys up to this chunk's end
-            vc = v[doc_start:start + n].transpose(0, 1)
+            # [1, h, n, d]: the fused (flash / memory-efficient) SDPA kernels take 4-D inputs only
+            qc = q[row:row + n].transpose(0, 1)[None]
+            kc = k[doc_start:start + n].transpose(0, 1)[None]  # the document's keys up to this chunk's end
+            vc = v[doc_start:start + n].transpose(0, 1)[None]
             offset = start - doc_start
             if offset == 0:
-                o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=self.scale, enable_gqa=True)
+                o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=self.scale)
             else:  # queries at offset+i see keys 0..offset+i
                 mask = torch.arange(offset + n, device=q.device)[None, :] <= (
                     offset + torch.arange(n, device=q.device))[:, None]
-                o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=self.scale, enable_gqa=True)
-            out[row:row + n] = o.transpose(0, 1)
+                o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=self.scale)
+            out[row:row + n] = o[0].transpose(0, 1)
         return out.reshape(out.shape[0], -1)
 
     def _flash(self, q, k, v, chunks):

@@ -12,6 +12,7 @@ import torch
 from megaprolong.config import load_config
 from megaprolong.data.packing import make_sample
 from megaprolong.model.context_parallel import packed_seq_params, split_for_context_parallel
+from megaprolong.runtime.device import device
 from megaprolong.training.config import Config
 from megaprolong.training.trainer import Trainer
 
@@ -20,8 +21,8 @@ from parity import TINY
 
 def logits(model, sample):
     local = split_for_context_parallel(sample, 1, 0)
-    tokens = torch.from_numpy(local.tokens)[None]
-    pos = torch.from_numpy(local.position_ids)[None]
+    tokens = torch.from_numpy(local.tokens)[None].to(device())
+    pos = torch.from_numpy(local.position_ids)[None].to(device())
     with torch.no_grad():
         return model(tokens, pos, attention_mask=None, packed_seq_params=packed_seq_params(local, tokens.device))[0]
 
@@ -47,9 +48,9 @@ def main():
     for i in (0, 2, 3):
         assert torch.equal(other[bounds[i]:bounds[i + 1]], packed[bounds[i]:bounds[i + 1]]), i
     assert not torch.allclose(other[bounds[1]:bounds[2]], packed[bounds[1]:bounds[2]])
-    d = torch.from_numpy(docs[1])[None]
+    d = torch.from_numpy(docs[1])[None].to(device())
     with torch.no_grad():
-        bshd = model(d, torch.arange(d.shape[1])[None], attention_mask=None)[0]
+        bshd = model(d, torch.arange(d.shape[1], device=device())[None], attention_mask=None)[0]
     torch.testing.assert_close(bshd, logits(model, sample_of([docs[1]])), rtol=1e-5, atol=1e-5)
     print("ATTENTION_CHECKS_OK")
 
