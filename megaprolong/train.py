@@ -8,7 +8,7 @@ import os
 import sys
 
 from megaprolong.config import ConfigError, load_config
-from megaprolong.training.config import Config
+from megaprolong.training.config import Config, validate
 
 
 def _config_keys(cls, prefix: str = "") -> list[str]:
@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(Config, args.config, args.overrides)
         resolve_paths(cfg, args.config)
+    except ConfigError as e:
+        print(f"megaprolong-train: {e}", file=sys.stderr)
+        return 2
+    try:  # before any process group starts: a bad layout fails in a second, with the keys named
+        validate(cfg, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))))
     except ConfigError as e:
         print(f"megaprolong-train: {e}", file=sys.stderr)
         return 2

@@ -61,3 +61,13 @@ def test_tiny_recipe_trains_with_tp2(tmp_path, tiny_corpus, tiny_tokenizer):
     assert all({"loss", "grad_norm", "lr", "tokens_per_s", "tflops_per_gpu", "domain_loss"} <= r.keys() for r in rows)
     assert (tmp_path / "ckpt" / "step_00000012" / "megaprolong.json").exists()
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, "tiny model must learn the synthetic corpus"
+
+
+def test_bad_layout_fails_before_any_process_group(tmp_path):
+    import os
+
+    env = dict(os.environ, WORLD_SIZE="2")
+    out = subprocess.run([script("megaprolong-train"), "--config", str(REPO / "examples/tiny_stage1.yaml"),
+                          "parallel.tp=3"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2
+    assert "model.num_attention_heads=4 not divisible by parallel.tp=3" in out.stderr

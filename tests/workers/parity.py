@@ -32,11 +32,15 @@ TINY = ["model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=128
 
 def batches(n_steps: int, gbs: int, seq: int):
     rng = np.random.default_rng(0)
-    # uneven documents, some shorter than 2*CP (1-3 tokens), some spanning sequences
-    docs = [rng.integers(0, 256, size=n) for n in rng.integers(1, 50, size=200)]
+    # uneven documents: mostly short (many shorter than 2*CP, so >= 5 per 32-token sequence), some long
+    # enough to span sequences
+    lengths = np.where(rng.random(300) < 0.8, rng.integers(1, 10, size=300), rng.integers(20, 60, size=300))
+    docs = [rng.integers(0, 256, size=n) for n in lengths]
     index = pack_documents(np.array([len(d) for d in docs]), np.arange(len(docs)), seq)
     samples = [make_sample(index.segments(i), lambda d, a, b: docs[d][a:b]) for i in range(len(index))]
-    return [samples[i * gbs:(i + 1) * gbs] for i in range(n_steps)]
+    steps = [samples[i * gbs:(i + 1) * gbs] for i in range(n_steps)]
+    assert max(len(s.cu_seqlens) - 1 for b in steps for s in b) >= 5
+    return steps
 
 
 def all_gather_grad_shards(model_chunks) -> None:
