@@ -116,3 +116,21 @@ def test_stage_start_from_other_layout_uses_new_rope_base_and_fresh_schedule(dat
     out = torchrun("stage_start.py", 1, str(d / "ckpt" / f"step_{STEPS:08d}"),
                    str(REPO / "examples/mixes/tiny_stage1.yaml"), str(data))
     assert "STAGE_START_OK" in out
+
+
+@pytest.mark.multirank
+def test_trained_checkpoint_exports_to_transformers_with_its_rope_base(uninterrupted, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    d, _ = uninterrupted
+    out = subprocess.run([sys.executable, "-m", "tools.convert", "mcore-to-hf", "--ckpt", str(d / "ckpt"),
+                          "--out", str(tmp_path / "hf"), "--dtype", "float32"], capture_output=True, text=True,
+                         cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["rope_theta"] == 8000000.0 and cfg["max_position_embeddings"] == 128
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.rope_parameters["rope_theta"] == 8000000.0
+    generated = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 7)

@@ -123,7 +123,7 @@ def load(trainer, path: str | Path, resume: bool) -> dict:
     meta = json.loads((path / _META).read_text())
     # Optimizer shards are saved DP-reshardable (megatron's fully-reshardable format does not load with
     # torch's AdamW in 0.19); under another TP/PP/VPP layout only the (reshardable) weights are loaded.
-    same_layout = meta.get("layout") == _layout(trainer)
+    same_layout = meta.get("layout") == _layout(trainer) and not meta.get("weights_only")
     state = dist_checkpointing.load(_sharded_state(trainer, is_loading=True, with_optimizer=same_layout), str(path))
     for i, chunk in enumerate(trainer.model):
         unwrap_model(chunk).load_state_dict(state[f"model{i}" if len(trainer.model) > 1 else "model"])
@@ -134,7 +134,7 @@ def load(trainer, path: str | Path, resume: bool) -> dict:
     else:
         trainer.optimizer.reload_model_params()  # fp32 master copies from the loaded weights
     meta["optimizer_loaded"] = same_layout
-    if resume:
+    if resume and not meta.get("weights_only"):
         trainer.step = meta["step"]
         trainer.scheduler.load_state_dict(meta["scheduler"])
         rng_file = path / f"rng_rank{dist.get_rank():05d}.pt"

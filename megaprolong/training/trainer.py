@@ -304,6 +304,8 @@ def _start(trainer: Trainer, log) -> None:
 def _optimizer_note(meta: dict) -> str:
     if meta["optimizer_loaded"]:
         return ", weights + optimizer state"
+    if meta.get("weights_only"):
+        return f", weights only (converted from {meta.get('source', 'another format')})"
     return (f", weights only: the checkpoint's layout {meta.get('layout')} differs in TP/PP, so the optimizer "
             f"state (saved DP-reshardable) starts fresh")
 

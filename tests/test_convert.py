@@ -1,0 +1,118 @@
+"""HF Llama <-> megatron-core checkpoints: bitwise round trip, logits equal to transformers, bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import torchrun
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_hf(path: Path, **overrides) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=500000.0,
+               tie_word_embeddings=False)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    with torch.no_grad():  # random norms too, so a swapped norm cannot pass
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path, max_shard_size="100KB")  # several shards + index
+    return path
+
+
+def convert(*args):
+    return subprocess.run([sys.executable, "-m", "tools.convert", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("conv")
+    hf = tiny_hf(d / "hf")
+    out = convert("hf-to-mcore", "--hf", hf, "--out", d / "mcore", "--tp", 2, "--pp", 2, "--verify",
+                  "--tolerance", "1e-4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ok"] and result["max_abs_logit_diff"] < 1e-4 and result["greedy_agreement"] == 1.0
+    return d, hf
+
+
+def test_round_trip_is_bitwise(converted):
+    from safetensors.torch import load_file
+
+    d, hf = converted
+    out = convert("mcore-to-hf", "--ckpt", d / "mcore", "--out", d / "back", "--dtype", "float32")
+    assert out.returncode == 0, out.stderr[-3000:]
+    original = {}
+    for f in hf.glob("*.safetensors"):
+        original.update(load_file(f))
+    back = {}
+    for f in (d / "back").glob("*.safetensors"):
+        back.update(load_file(f))
+    assert back.keys() == original.keys()
+    for name, t in original.items():
+        assert torch.equal(back[name], t), name
+    cfg = json.loads((d / "back" / "config.json").read_text())
+    assert cfg["rope_theta"] == 500000.0 and cfg["num_key_value_heads"] == 2
+
+
+def test_exported_model_loads_in_transformers(converted):
+    from transformers import AutoModelForCausalLM
+
+    d, hf = converted
+    out = convert("mcore-to-hf", "--ckpt", d / "mcore", "--out", d / "back_bf16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    model, info = AutoModelForCausalLM.from_pretrained(d / "back_bf16", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", [(2, ["parallel.tp=2"]), (2, ["parallel.pp=2"]),
+                                    (4, ["parallel.tp=2", "parallel.pp=2"])], ids=["tp2", "pp2", "tp2_pp2"])
+def test_megatron_logits_under_tp_pp_equal_transformers(converted, layout):
+    d, hf = converted
+    nproc, overrides = layout
+    out = torchrun("hf_logits.py", nproc, str(hf), str(d / "mcore"), *overrides)
+    assert "HF_LOGITS_OK" in out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_shard", "missing"),
+    ("tied", "tie_word_embeddings"),
+    ("rope_scaling", "rope_scaling"),
+    ("not_llama", "unsupported architecture"),
+    ("shape", "shape mismatch"),
+    ("exists", "exists"),
+])
+def test_bad_input_is_refused_clearly(tmp_path, case, message):
+    hf = tiny_hf(tmp_path / "hf", **({"tie_word_embeddings": True} if case == "tied" else {}))
+    cfg_path = hf / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    out_dir = tmp_path / "out"
+    if case == "missing_shard":
+        next(hf.glob("model-0000[2-9]*.safetensors")).unlink()
+    elif case == "rope_scaling":
+        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+        cfg.get("rope_parameters", {}).update(rope_type="llama3", factor=8.0)
+    elif case == "not_llama":
+        cfg["model_type"], cfg["architectures"] = "mistral", ["MistralForCausalLM"]
+    elif case == "shape":
+        cfg["intermediate_size"] = 128
+    elif case == "exists":
+        out_dir.mkdir()
+    cfg_path.write_text(json.dumps(cfg))
+    out = convert("hf-to-mcore", "--hf", hf, "--out", out_dir)
+    assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
+    if case != "exists":
+        assert not out_dir.exists() and not list(tmp_path.glob(".out.tmp"))

@@ -1,0 +1,61 @@
+"""Logits of a converted checkpoint under a parallel layout vs transformers (run under torchrun).
+
+Usage: hf_logits.py HF_DIR MCORE_DIR [key=value ...]. Prints HF_LOGITS_OK when they agree within 1e-4.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megaprolong.config import load_config
+from megaprolong.convert.jobs import resolve_checkpoint
+from megaprolong.convert.llama_hf import HFCheckpoint, model_config_from_hf
+from megaprolong.runtime.device import device
+from megaprolong.training import checkpoint
+from megaprolong.training.config import Config
+from megaprolong.training.trainer import Trainer
+
+
+def main(hf_dir, mcore_dir, overrides):
+    m = model_config_from_hf(HFCheckpoint(hf_dir).config)
+    cfg = load_config(Config, None, [
+        f"model.{k}={v}" for k, v in vars(m).items()] + ["train.precision=fp32", "train.recompute=none",
+                                                          "train.seq_length=32", "train.global_batch_size=4",
+                                                          *overrides])
+    trainer = Trainer(cfg)
+    checkpoint.load(trainer, resolve_checkpoint(mcore_dir), resume=False)
+    ids = torch.randint(0, m.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
+    out = {}
+
+    def step(data_iterator, model):
+        tokens = next(data_iterator).to(device())
+        logits = model(tokens, torch.arange(tokens.shape[1], device=device())[None], attention_mask=None)
+        return logits, lambda x: (x.sum() * 0, {"logits": x.detach()})
+
+    results = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([ids]), model=trainer.model,
+                                          num_microbatches=1, seq_length=32, micro_batch_size=1, forward_only=True,
+                                          collect_non_loss_data=False)
+    if ps.is_pipeline_last_stage():
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        logits = gather_from_tensor_model_parallel_region(results[0]["logits"]).float().cpu()[0]
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = hf(input_ids=ids, use_cache=False).logits[0]
+        diff = (logits - ref).abs().max().item()
+        assert diff < 1e-4, diff
+        out["ok"] = True
+    flag = torch.tensor([1.0 if out.get("ok") else 0.0], device=device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if dist.get_rank() == 0 and flag.item() == 1.0:
+        print("HF_LOGITS_OK")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
