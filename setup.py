@@ -21,6 +21,7 @@ setup(
         "zstandard",  # .jsonl.zst inputs
         "pyarrow",  # parquet inputs
         "gigatoken",  # fast exact BPE tokenization (checked against tokenizers at start-up)
+        "safetensors",  # HF checkpoints (conversion)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
