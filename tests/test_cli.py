@@ -33,10 +33,16 @@ def test_train_config_error_exits_2(tmp_path):
     assert out.returncode == 2 and "parallel.tpp" in out.stderr
 
 
-@pytest.mark.parametrize("name", ["megaprolong-convert", "megaprolong-sft", "megaprolong-eval"])
+@pytest.mark.parametrize("name", ["megaprolong-sft", "megaprolong-eval"])
 def test_not_yet_available_commands_exit_2(name):
     out = subprocess.run([script(name)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "not available yet" in out.stderr
+
+
+def test_convert_help():
+    out = subprocess.run([script("megaprolong-convert"), "hf-to-mcore", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "--verify" in out.stdout and "--rope-base" in out.stdout
 
 
 def test_preprocess_help():
