@@ -5,7 +5,8 @@
 3. stage 1: train a tiny Llama with tensor parallelism (TP=2 + sequence parallel) on 2 gloo ranks on
    ProLong's mix shape (long documents as single-document chunks, short documents packed);
 4. stage 2: 4x longer sequences split over 2 context-parallel ranks with document-masked attention,
-   RoPE base raised to 1.28e8, starting from the stage-1 checkpoint with a fresh LR schedule.
+   RoPE base raised to 1.28e8, starting from the stage-1 checkpoint with a fresh LR schedule;
+5. convert the stage-2 checkpoint to an HF model (``megaprolong-convert mcore-to-hf``).
 Each step's loss is printed; a summary table closes the run.
 """
 
@@ -38,13 +39,13 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.workdir)
     t0 = time.time()
-    _step("1/4 corpus and tokenizer")
+    _step("1/5 corpus and tokenizer")
     docs = synthetic_corpus(n_docs=600, seed=0)
     corpus = write_jsonl(docs, work / "corpus.jsonl")
     tok = train_tokenizer([d["text"] for d in docs], work / "tokenizer", vocab_size=512)
     print(f"{len(docs)} documents -> {corpus}; tokenizer -> {tok}")
 
-    _step("2/4 preprocess each domain to a Megatron indexed dataset")
+    _step("2/5 preprocess each domain to a Megatron indexed dataset")
     for domain, extra in (("books", {}), ("code", {"group_by": "repo"}), ("web", {})):
         src = write_jsonl([d for d in docs if d["domain"] == domain], work / f"{domain}.jsonl")
         report = preprocess(PreprocessConfig(inputs=[str(src)], tokenizer=str(tok.parent), quiet=True,
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     for n, (stage, title) in enumerate((("tiny_stage1", "stage 1: TP=2 + sequence parallel, 128-token sequences"),
                                         ("tiny_stage2", "stage 2: CP=2, 512-token sequences, RoPE base 1.28e8")),
                                        start=3):
-        _step(f"{n}/4 {title}")
+        _step(f"{n}/5 {title}")
         out = work / stage
         metrics = out / "metrics.jsonl"
         metrics.unlink(missing_ok=True)
@@ -75,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
         summary.append((stage, len(rows), rows[0]["loss"], rows[-1]["loss"],
                         sum(r["tokens_per_s"] for r in rows) / len(rows), out / "ckpt"))
+    _step("5/5 convert the stage-2 checkpoint to HF (transformers) format")
+    from megaprolong.convert.jobs import mcore_to_hf
+
+    hf_dir = mcore_to_hf(str(work / "tiny_stage2" / "ckpt"), str(work / "hf"), tokenizer=str(tok.parent), force=True)
+    print(f"HF model -> {hf_dir} (AutoModelForCausalLM.from_pretrained loads it)")
     print(f"\n=== summary ({time.time() - t0:.0f} s)")
     print(f"{'stage':<12} {'steps':>5} {'first loss':>10} {'last loss':>10} {'tokens/s':>9}  checkpoint")
     for stage, steps, first, last, tps, ckpt in summary:

@@ -52,3 +52,17 @@ def test_validate_accepts_prolong_512k_layout():
     cfg = load_config(Config, None, ["parallel.tp=8", "parallel.cp=8", "train.seq_length=524288",
                                      "train.global_batch_size=16", "parallel.sequence_parallel=true"])
     validate(cfg, 64 * 8)
+
+
+@pytest.mark.parametrize("recipe, world, steps, step_tokens", [("prolong_64k.yaml", 64, 5000, 4_194_304),
+                                                               ("prolong_512k.yaml", 64, 2500, 8_388_608)])
+def test_prolong_recipes_carry_the_reference_numbers(recipe, world, steps, step_tokens):
+    from pathlib import Path
+
+    cfg = load_config(Config, Path(__file__).resolve().parent.parent / "examples" / recipe)
+    validate(cfg, world)
+    t, o = cfg.train, cfg.optimizer
+    assert t.steps == steps and t.global_batch_size * t.seq_length == step_tokens
+    assert (o.lr, o.min_lr_ratio, o.warmup_fraction, o.beta1, o.beta2, o.eps, o.weight_decay, o.clip_grad) == \
+        (1e-5, 0.1, 0.1, 0.9, 0.95, 1e-8, 0.1, 1.0)
+    assert cfg.model.rope_base == (8e6 if "64k" in recipe else 1.28e8) and t.precision == "bf16"
