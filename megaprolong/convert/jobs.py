@@ -23,8 +23,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 
-def _single_rank_model(m: ModelConfig):
-    """A 1-rank megatron-core Llama (fp32), process groups started if needed."""
+def _single_rank_model(m: ModelConfig, dtype: torch.dtype = torch.float32):
+    """A 1-rank megatron-core Llama in ``dtype``, process groups started if needed."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -35,7 +35,7 @@ def _single_rank_model(m: ModelConfig):
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(0)
-    model = build_model(m, transformer_config(m, params_dtype=torch.float32, pipeline_dtype=torch.float32))
+    model = build_model(m, transformer_config(m, params_dtype=dtype, pipeline_dtype=dtype))
     return model.to(device()).eval()
 
 
@@ -66,7 +66,9 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, rope_base: floa
     _check_layout(m, tp, pp)
     out_path, tmp = _prepare_out(out, force)
     try:
-        model = _single_rank_model(m)
+        # the checkpoint's own dtype: exact, and a bf16 8B model is 16 GB, not 32
+        dtype = getattr(torch, hf.config.get("torch_dtype") or hf.config.get("dtype") or "float32")
+        model = _single_rank_model(m, dtype)
         params = dict(model.named_parameters())
         seen = set()
         with torch.no_grad():
@@ -131,7 +133,7 @@ def mcore_to_hf(ckpt: str, out: str, tokenizer: str | None = None, dtype: str = 
     max_len = meta["config"].get("train", {}).get("seq_length", m.max_position_embeddings)
     out_path, tmp = _prepare_out(out, force)
     try:
-        model = _single_rank_model(m)
+        model = _single_rank_model(m, getattr(torch, dtype))  # loading casts the saved shards to it
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step))["model"]
         model.load_state_dict(state, strict=False)
         params = dict(model.named_parameters())
