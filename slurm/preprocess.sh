@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Preprocess raw corpora on several nodes: sbatch slurm/preprocess.sh
+# One MPI rank per node tokenizes a contiguous run of the input files with --workers threads; rank 0 merges
+# the parts into one PREFIX.bin/.idx (documents in input order). Settings (environment at submission):
+#   INPUTS      the input files, space-separated (globs expanded here)            (required)
+#   TOKENIZER   HF tokenizer directory or tokenizer.json                           (required)
+#   OUTPUT      output prefix (PREFIX.bin / .idx / .json)                          (required)
+#   PREPROCESS_ARGS  more flags, e.g. "--min-tokens 65536 --group-by repo"
+#   REPO, PYTHON, CONTAINER, CONTAINER_MOUNTS as in slurm/_train_stage.sh
+#SBATCH --job-name=megaprolong-preprocess
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=64
+#SBATCH --time=08:00:00
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+PYTHON=${PYTHON:-python3}
+CONTAINER=${CONTAINER:-}
+CONTAINER_MOUNTS=${CONTAINER_MOUNTS:-$REPO:$REPO}
+fail() { echo "error: $*" >&2; exit 2; }
+[ -n "${INPUTS:-}" ] || fail "INPUTS is not set (the input files)"
+[ -n "${OUTPUT:-}" ] || fail "OUTPUT is not set (the output prefix)"
+[ -e "${TOKENIZER:-/nonexistent}" ] || fail "tokenizer not found: TOKENIZER=${TOKENIZER:-}"
+# shellcheck disable=SC2206
+inputs=($INPUTS)
+for f in "${inputs[@]}"; do [ -e "$f" ] || fail "input not found: $f"; done
+container=()
+[ -n "$CONTAINER" ] && container=(--container-image="$CONTAINER" --container-mounts="$CONTAINER_MOUNTS")
+cd "$REPO"
+# shellcheck disable=SC2086
+srun --mpi=pmix "${container[@]}" "$PYTHON" -m tools.preprocess_data --input "${inputs[@]}" \
+  --tokenizer "$TOKENIZER" --output-prefix "$OUTPUT" --workers "${SLURM_CPUS_PER_TASK:-1}" ${PREPROCESS_ARGS:-}
