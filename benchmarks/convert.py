@@ -1,39 +1,24 @@
 """Conversion time and peak memory on a ~1B-parameter random Llama (HF -> mcore -> HF).
 
-    .venv/bin/python benchmarks/convert.py [--workdir /tmp/megaprolong-convert-bench]
+    .venv/bin/python benchmarks/convert.py [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
-import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
-import psutil
 import torch
-
-
-def peak_rss(cmd: list[str], cwd: Path) -> tuple[float, float]:
-    start = time.perf_counter()
-    proc = psutil.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(True)))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    if proc.returncode:
-        raise SystemExit(proc.stderr.read().decode()[-3000:])
-    return time.perf_counter() - start, peak / 2**30
+from _measure import run_measured
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="/tmp/megaprolong-convert-bench")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "megaprolong-convert-bench"))
     a = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -48,12 +33,12 @@ def main() -> None:
     largest = max(p.numel() for p in LlamaForCausalLM(cfg).parameters()) * 4 / 2**30
     repo = Path(__file__).resolve().parent.parent
     rows = []
-    t, m = peak_rss([sys.executable, "-m", "tools.convert", "hf-to-mcore", "--hf", str(work / "hf"),
-                     "--out", str(work / "mcore")], repo)
-    rows.append(("hf-to-mcore", t, m))
-    t, m = peak_rss([sys.executable, "-m", "tools.convert", "mcore-to-hf", "--ckpt", str(work / "mcore"),
-                     "--out", str(work / "back")], repo)
-    rows.append(("mcore-to-hf", t, m))
+    t, m = run_measured([sys.executable, "-m", "tools.convert", "hf-to-mcore", "--hf", str(work / "hf"),
+                         "--out", str(work / "mcore")], repo)
+    rows.append(("hf-to-mcore", t, m / 2**30))
+    t, m = run_measured([sys.executable, "-m", "tools.convert", "mcore-to-hf", "--ckpt", str(work / "mcore"),
+                         "--out", str(work / "back")], repo)
+    rows.append(("mcore-to-hf", t, m / 2**30))
     print(f"\nmodel: {params / 1e9:.2f}B parameters ({params * 4 / 2**30:.1f} GiB in fp32, "
           f"largest tensor {largest:.2f} GiB in fp32)")
     print(f"{'direction':<14} {'wall s':>8} {'peak RSS GiB':>13}")

@@ -3,9 +3,10 @@
 # 1. the tiny parity run (3 optimizer steps, packed uneven documents) on the GPU equals the CPU run from
 #    the same initial weights; 2. document-masking checks on the GPU; 3. training throughput at 64K.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=4
+OUT=${OUT:-${TMPDIR:-/tmp}/megaprolong-device}; mkdir -p "$OUT"
+SITE=${TMPDIR:-/tmp}/megaprolong-site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl || exit 1
+export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=4
 python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'mcore', m.__version__, torch.cuda.get_device_name())"
 python3 -c "import transformer_engine" 2>/dev/null && echo "TE present" || echo "TE absent: our attention path"
 python3 -c "import flash_attn" 2>/dev/null && echo "flash-attn present" || echo "flash-attn absent: SDPA per document chunk"

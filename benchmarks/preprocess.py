@@ -4,7 +4,7 @@ Generates a corpus (default 200 MB) of Zipf-distributed synthetic words, trains 
 tokenizer on a slice of it (HF tokenizers), then runs `megaprolong-preprocess` as a separate process per
 configuration and prints wall time, tokens/s, MB/s and the process's peak RSS. Run:
 
-    .venv/bin/python benchmarks/preprocess.py [--mb 200] [--workdir /tmp/mp-bench]
+    .venv/bin/python benchmarks/preprocess.py [--mb 200] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import numpy as np
-import psutil
+from _measure import run_measured
 
 
 def make_corpus(path: Path, megabytes: int, seed: int = 0) -> None:
@@ -57,18 +56,7 @@ def make_tokenizer(corpus: Path, out: Path, vocab: int = 50000) -> Path:
 def run(name: str, corpus: Path, tokenizer: Path, prefix: Path, env_extra: dict) -> dict:
     cmd = [sys.executable, "-m", "tools.preprocess_data", "--input", str(corpus), "--tokenizer", str(tokenizer),
            "--output-prefix", str(prefix), "--workers", str(os.cpu_count()), "--quiet"]
-    start = time.perf_counter()
-    proc = psutil.Popen(cmd, env=dict(os.environ, **env_extra), cwd=Path(__file__).resolve().parent.parent)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(True)))
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        raise SystemExit(f"{name} failed with exit code {proc.returncode}")
+    wall, peak = run_measured(cmd, Path(__file__).resolve().parent.parent, env_extra)
     report = json.loads(prefix.with_suffix(".json").read_text())
     mb = corpus.stat().st_size / 1e6
     return {"config": name, "backend": report["tokenizer_backend"], "MB": mb, "docs": report["documents"],
@@ -79,7 +67,7 @@ def run(name: str, corpus: Path, tokenizer: Path, prefix: Path, env_extra: dict)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=int, nargs="+", default=[200], help="corpus sizes in MB")
-    ap.add_argument("--workdir", default="/tmp/megaprolong-bench")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "megaprolong-bench"))
     ap.add_argument("--skip-slow", action="store_true", help="only the gigatoken path")
     args = ap.parse_args()
     work = Path(args.workdir)
