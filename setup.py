@@ -36,6 +36,7 @@ setup(
             "megaprolong-convert=tools.convert:main",
             "megaprolong-sft=tools.sft:main",
             "megaprolong-eval=tools.eval:main",
+            "megaprolong-plan=tools.plan:main",
         ]
     },
 )
