@@ -18,6 +18,8 @@ _MESSAGES = [
     r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
     r"Could not determine rank from torch\.distributed",
     r"Please use DTensor instead and we are deprecating ShardedTensor",
+    r"The argument order of load has been changed",
+    r"torch\.distributed is disabled, unavailable or uninitialized",
 ]
 _LOG_MESSAGES = ("GPTModel IS DEPRECATED", "full_param_layout not provided", "No CUDA runtime is found",
                  "MCore's async save is deprecated")
