@@ -100,6 +100,14 @@ def test_truncated_gz_and_missing_paths(tmp_path, tiny_corpus, tiny_tokenizer):
     gz.write_bytes(gzip.compress(plain.read_bytes())[:-200])
     with pytest.raises(DataError, match=r"cut\.jsonl\.gz:\d+: truncated or corrupt"):
         run(tmp_path, tiny_tokenizer, [gz])
+    import zstandard
+
+    whole = zstandard.ZstdCompressor().compress(plain.read_bytes())
+    zst = tmp_path / "cut.jsonl.zst"
+    for cut in (len(whole) // 2, len(whole) - 3):  # mid-stream, and inside the frame's last bytes
+        zst.write_bytes(whole[:cut])
+        with pytest.raises(DataError, match=r"cut\.jsonl\.zst:\d+: truncated or corrupt"):
+            run(tmp_path, tiny_tokenizer, [zst])
     with pytest.raises(DataError, match="tokenizer not found"):
         run(tmp_path, tmp_path / "no-tokenizer", [plain])
     with pytest.raises(DataError, match="does not exist"):

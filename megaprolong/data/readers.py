@@ -22,13 +22,52 @@ class DataError(ValueError):
         self.where, self.what = where, what
 
 
+def _zstd_chunks(path: Path, size: int = 1 << 20):
+    """Decompressed bytes of a .zst file (one or more frames); a truncated last frame raises EOFError
+    (zstandard's stream reader would silently stop short)."""
+    import zstandard
+
+    with open(path, "rb") as f:
+        dobj, pending = zstandard.ZstdDecompressor().decompressobj(), b""
+        while True:
+            raw = pending or f.read(size)
+            pending = b""
+            if not raw:
+                break
+            yield dobj.decompress(raw)
+            if dobj.eof:  # frame complete: a following frame starts in unused_data
+                pending, dobj = dobj.unused_data, zstandard.ZstdDecompressor().decompressobj()
+                if not pending:
+                    pending = f.read(size)
+                    if not pending:
+                        return
+        if not dobj.eof:
+            raise EOFError("compressed stream ends before the end of its last frame")
+
+
+class _ChunkStream(io.RawIOBase):
+    def __init__(self, chunks):
+        self.chunks, self.buffer = iter(chunks), b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.buffer:
+            try:
+                self.buffer = next(self.chunks)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self.buffer))
+        b[:n], self.buffer = self.buffer[:n], self.buffer[n:]
+        return n
+
+
 def _open_binary(path: Path) -> io.BufferedIOBase:
     if path.suffix == ".gz":
         return gzip.open(path, "rb")
     if path.suffix == ".zst":
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(_ChunkStream(_zstd_chunks(path)))
     return open(path, "rb")
 
 
