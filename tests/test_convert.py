@@ -1,7 +1,6 @@
 """HF Llama <-> megatron-core checkpoints: bitwise round trip, logits equal to transformers, bad input."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from megaprolong.data.dataset import DomainSpec, MixDataset, MixSchedule, MixSpec, load_mix
 

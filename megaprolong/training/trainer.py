@@ -244,13 +244,13 @@ class Trainer:
         start = time.perf_counter()
         reports = self.forward_backward(global_batch)
         grad_norm, lr = self.optimizer_step()
-        loss, tokens, per_domain = self._global_loss(reports)
+        loss, tokens, per_domain = self.global_loss(reports)
         elapsed = time.perf_counter() - start
         flops = train_step_flops(self.cfg.model, [np.diff(s.cu_seqlens) for s in global_batch])
         return StepMetrics(self.step, loss, grad_norm, lr, tokens, elapsed, per_domain,
                            flops / elapsed / dist.get_world_size() / 1e12)
 
-    def _global_loss(self, reports: list[dict]) -> tuple[float, int, list[float]]:
+    def global_loss(self, reports: list[dict]) -> tuple[float, int, list[float]]:
         """Token-averaged loss over the global batch (overall and per domain), known on every rank."""
         totals = torch.zeros(2 + 2 * self.num_domains, dtype=torch.float64)
         for report in reports:  # only the last pipeline stage has reports

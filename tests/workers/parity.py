@@ -71,7 +71,7 @@ def main(out: str, init: str, overrides: list[str]) -> None:
                 all_gather_grad_shards(trainer.model)
             result["grads"] = gather_full(trainer.model, grads=True)
         grad_norm, _ = trainer.optimizer_step()
-        loss, _, _ = trainer._global_loss(reports)
+        loss, _, _ = trainer.global_loss(reports)
         result["loss"].append(loss)
         result["grad_norm"].append(grad_norm)
     result["params"] = gather_full(trainer.model)
