@@ -26,8 +26,12 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "mpi": ["mpi4py"],
-        "hf": ["transformers>=4.45", "safetensors"],
-        "dev": ["pytest", "pytest-timeout", "transformers>=4.45", "safetensors"],
+        "hf": ["transformers>=5", "safetensors"],
+        # The HF stages: SFT (TRL on transformers, FSDP2 via accelerate) and evaluation (plots).
+        "sft": ["transformers>=5", "trl>=1.16", "accelerate", "datasets", "safetensors"],
+        "eval": ["transformers>=5", "matplotlib"],
+        "dev": ["pytest", "pytest-timeout", "transformers>=5", "safetensors", "trl>=1.16", "accelerate", "datasets",
+                "matplotlib"],
     },
     entry_points={
         "console_scripts": [

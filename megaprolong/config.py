@@ -62,6 +62,35 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def describe_keys(cls: type, prefix: str = "") -> list[str]:
+    """One ``  key (default: value)`` line per leaf key of a config dataclass, for ``--help``."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            lines += describe_keys(type(default), prefix + f.name + ".")
+        else:
+            lines.append(f"  {prefix + f.name} (default: {default})")
+    return lines
+
+
+def resolve_relative_paths(cfg: Any, config_file: str | Path | None, keys: list[str]) -> None:
+    """Make the dotted ``keys`` that the YAML file itself sets relative to the file's folder (so recipes
+    travel with what they point at); values given as overrides stay relative to the working directory."""
+    if not config_file:
+        return
+    base = Path(config_file).resolve().parent
+    written = yaml.safe_load(Path(config_file).read_text()) or {}
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node, raw = cfg, written
+        for name in parents:
+            node, raw = getattr(node, name), (raw.get(name) or {}) if isinstance(raw, dict) else {}
+        value = getattr(node, leaf)
+        if value and isinstance(raw, dict) and value == raw.get(leaf) and not Path(value).is_absolute():
+            setattr(node, leaf, str((base / value).resolve()))
+
+
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     node = data

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
-from megaprolong.config import ConfigError, load_config
+from megaprolong.config import ConfigError, describe_keys, load_config, resolve_relative_paths
 from megaprolong.training.config import Config, validate
-
-
-def _config_keys(cls, prefix: str = "") -> list[str]:
-    lines = []
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            lines += _config_keys(type(default), prefix + f.name + ".")
-        else:
-            lines.append(f"  {prefix + f.name} (default: {default})")
-    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,7 +16,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train a megatron-core Llama with the ProLong recipe. Launch with torchrun or srun; "
                     "the parallel layout (parallel.tp/pp/cp) must divide the world size.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (set in the YAML file or as key=value overrides):\n" + "\n".join(_config_keys(Config)),
+        epilog="config keys (set in the YAML file or as key=value overrides):\n" + "\n".join(describe_keys(Config)),
     )
     parser.add_argument("--config", help="recipe YAML file (see examples/); omitted: all defaults")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -36,21 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_paths(cfg: Config, config_file: str | None) -> None:
-    """Relative paths inside a recipe are relative to the recipe's folder (so recipes travel with their
-    mixes); given on the command line, they are relative to the working directory as usual."""
-    if not config_file:
-        return
-    import yaml
-
-    base = os.path.dirname(os.path.abspath(config_file))
-    written = yaml.safe_load(open(config_file)) or {}
-    for section, key in (("data", "mix"), ("data", "root"), ("data", "prefix"), ("data", "cache_dir"),
-                         ("checkpoint", "dir"), ("checkpoint", "load"), ("logging", "metrics_file")):
-        value = getattr(getattr(cfg, section), key)
-        from_file = (written.get(section) or {}).get(key)
-        if value and value == from_file and not os.path.isabs(value):
-            setattr(getattr(cfg, section), key, os.path.normpath(os.path.join(base, value)))
+PATH_KEYS = ["data.mix", "data.root", "data.prefix", "data.cache_dir", "checkpoint.dir", "checkpoint.load",
+             "logging.metrics_file"]
 
 
 def build_dataset(cfg: Config):
@@ -78,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(Config, args.config, args.overrides)
-        resolve_paths(cfg, args.config)
+        resolve_relative_paths(cfg, args.config, PATH_KEYS)
     except ConfigError as e:
         print(f"megaprolong-train: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
-"""Console entry point ``megaprolong-sft``: the HF-format SFT stage (not available yet)."""
+"""Console entry point ``megaprolong-sft`` (see megaprolong/sft/cli.py)."""
 
-from tools._unavailable import unavailable
+import sys
 
+from megaprolong.sft.cli import main
 
-def main() -> int:
-    return unavailable("megaprolong-sft", "the HF-format SFT stage")
+if __name__ == "__main__":
+    sys.exit(main())

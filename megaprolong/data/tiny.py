@@ -14,6 +14,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+# Llama-3's chat tokens, so the SFT stage's chat template works on the tiny tokenizer as on the real one.
+CHAT_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 _SUBJECTS = ["the model", "a reader", "the long context", "every document", "our cluster", "the optimizer",
              "a packed sequence", "the tokenizer", "each rank", "the checkpoint"]
 _VERBS = ["reads", "packs", "trains", "remembers", "splits", "gathers", "saves", "loads", "masks", "averages"]
@@ -51,6 +53,22 @@ def synthetic_corpus(n_docs: int = 400, seed: int = 0) -> list[dict]:
     return docs
 
 
+def synthetic_chats(n: int = 200, seed: int = 0) -> list[dict]:
+    """Conversations in UltraChat's layout (``{"prompt", "messages": [{"role", "content"}, ...]}``) whose
+    answers follow from the questions, so a tiny model's SFT loss visibly falls."""
+    rng = random.Random(seed)
+    chats = []
+    for i in range(n):
+        messages = [{"role": "system", "content": "You are a helpful assistant."}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 3)):
+            subject, obj = rng.choice(_SUBJECTS), rng.choice(_OBJECTS)
+            verb = rng.choice(_VERBS)
+            messages.append({"role": "user", "content": f"What does {subject} do with {obj}?"})
+            messages.append({"role": "assistant", "content": f"{subject.capitalize()} {verb} {obj}."})
+        chats.append({"prompt": messages[-2]["content"], "prompt_id": f"chat{i}", "messages": messages})
+    return chats
+
+
 def write_jsonl(docs: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -66,7 +84,7 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 512) -> P
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, *CHAT_TOKENS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,6 +92,10 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 512) -> P
     tmp = out_dir / "tokenizer.json.tmp"
     tok.save(str(tmp))
     tmp.replace(path)
+    # What transformers' AutoTokenizer needs to know the special tokens (as in Llama-3's own directory).
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+              "model_max_length": 1 << 20, "clean_up_tokenization_spaces": False}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return path
 
 

@@ -1,0 +1,86 @@
+"""The SFT recipe (ProLong's numbers, REFERENCE.md section 4): one dataclass tree, YAML + overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megaprolong.config import ConfigError
+
+
+@dataclass
+class SFTDataConfig:
+    path: str | None = None  # chat data in the HF `messages` layout: jsonl / parquet / a folder / save_to_disk dir
+    mds: str | None = None  # or ProLong's tokenized shards (prolong-ultrachat-64K: input_ids, indices, mask)
+    messages_key: str = "messages"
+    strict: bool = False  # bad conversations: an error naming file:line instead of counted and skipped
+    cache_dir: str | None = None  # packed data cache (default: OUTPUT_DIR/.sft_data)
+    prepare: str | None = None  # "tiny": write the tiny chat file at data.path if it is missing
+
+
+@dataclass
+class SFTTrainConfig:
+    seq_length: int = 65536  # conversations are packed into sequences of this many tokens
+    global_batch_tokens: int = 4_194_304  # tokens per optimizer step (4M): a multiple of seq_length
+    micro_batch_size: int = 1  # packed sequences per GPU per forward
+    steps: int | None = None  # optimizer steps; None: one pass over the data
+    seed: int = 42
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr (2e-6)
+    warmup_fraction: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 mixed precision on GPU, fp32 on CPU
+    gradient_checkpointing: bool = True
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"  # auto: flash-attn if installed
+    fsdp: bool = True  # FSDP2 full sharding on GPUs (on CPU, transformers runs plain DDP over gloo)
+    save_steps: int = 0  # intermediate HF checkpoints every N steps (0: only the final model)
+
+
+@dataclass
+class SFTLoggingConfig:
+    metrics_file: str | None = None  # JSONL, one object per step (default: OUTPUT_DIR/metrics.jsonl)
+    report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard], [wandb]
+    wandb_project: str | None = None
+
+
+@dataclass
+class SFTConfig:
+    model: str | None = None  # HF model folder (megaprolong-convert mcore-to-hf output)
+    tokenizer: str | None = None  # default: the model folder
+    output_dir: str | None = None  # the fine-tuned HF model goes here
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    logging: SFTLoggingConfig = field(default_factory=SFTLoggingConfig)
+
+
+PATH_KEYS = ["model", "tokenizer", "output_dir", "data.path", "data.mds", "data.cache_dir", "logging.metrics_file"]
+
+
+def gradient_accumulation(cfg: SFTConfig, world_size: int) -> int:
+    """Micro-batches per rank per step so that a step sees ``global_batch_tokens``; errors name the keys."""
+    t = cfg.train
+    problems = []
+    if not cfg.model:
+        problems.append("model (an HF model folder) is required")
+    if not cfg.output_dir:
+        problems.append("output_dir is required")
+    if bool(cfg.data.path) == bool(cfg.data.mds):
+        problems.append("set exactly one of data.path (chat data) and data.mds (ProLong's tokenized shards)")
+    if t.global_batch_tokens % t.seq_length:
+        problems.append(f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
+                        f"train.seq_length={t.seq_length}")
+    sequences = t.global_batch_tokens // t.seq_length
+    if sequences % (t.micro_batch_size * world_size):
+        problems.append(f"train.global_batch_tokens/train.seq_length = {sequences} sequences per step is not "
+                        f"divisible by train.micro_batch_size*world size = {t.micro_batch_size}*{world_size}")
+    if not 0 <= t.warmup_fraction < 1:
+        problems.append(f"train.warmup_fraction={t.warmup_fraction} must be in [0, 1)")
+    if cfg.data.prepare not in (None, "tiny"):
+        problems.append(f"data.prepare={cfg.data.prepare!r}: only 'tiny' is known")
+    if problems:
+        raise ConfigError("invalid SFT config: " + "; ".join(problems))
+    return sequences // (t.micro_batch_size * world_size)

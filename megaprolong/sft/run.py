@@ -1,0 +1,163 @@
+"""The SFT stage on HF checkpoints: TRL's SFTTrainer (FSDP2 on GPUs, DDP over gloo on CPU) on our packed
+conversations, with ProLong's hyper-parameters. The training loop is TRL's/transformers'; this module only
+wires the recipe into it: data, schedule, precision, attention kernel, metrics, atomic final save."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from megaprolong.sft.config import SFTConfig, gradient_accumulation
+
+
+def _attention(cfg: SFTConfig, cuda: bool) -> str:
+    choice = cfg.train.attn_implementation
+    if choice != "auto":
+        return choice
+    if cuda:
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"  # exact per-conversation masking from position ids (dense mask: fine for short sequences)
+
+
+class _MetricsFile:
+    """A transformers callback writing one JSON object per logged step (main process only)."""
+
+    def __init__(self, path: Path):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if state.is_world_process_zero and logs and "loss" in logs:
+                    outer.write(state.global_step, logs)
+
+        self.callback = Callback()
+        self.path, self.last, self.tokens = path, time.time(), 0.0
+        if int(os.environ.get("RANK", 0)) == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def write(self, step: int, logs: dict) -> None:
+        now, tokens = time.time(), logs.get("num_tokens", 0.0)  # TRL counts the tokens seen by all ranks
+        row = {"step": step, "loss": logs["loss"], "grad_norm": logs.get("grad_norm"),
+               "lr": logs.get("learning_rate"), "tokens_per_s": (tokens - self.tokens) / max(now - self.last, 1e-9),
+               **{k: v for k, v in logs.items() if k in ("mean_token_accuracy", "num_tokens", "entropy")}}
+        self.last, self.tokens = now, tokens
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def training_arguments(cfg: SFTConfig, world_size: int, cuda: bool) -> Any:
+    """TRL's SFTConfig for the recipe: padding-free batches of our pre-packed rows."""
+    import trl
+
+    t = cfg.train
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
+    fsdp = cuda and t.fsdp and world_size > 1
+    return trl.SFTConfig(
+        output_dir=str(Path(cfg.output_dir) / "checkpoints"),
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(cfg, world_size),
+        max_steps=t.steps if t.steps else -1,
+        num_train_epochs=1,
+        learning_rate=t.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
+        warmup_steps=t.warmup_fraction,  # a float in [0, 1): a fraction of the total steps
+        adam_beta1=t.beta1, adam_beta2=t.beta2, adam_epsilon=t.eps,
+        optim="adamw_torch",
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.clip_grad,
+        seed=t.seed, data_seed=t.seed,
+        bf16=bf16,
+        use_cpu=not cuda,
+        ddp_backend="gloo" if not cuda and world_size > 1 else None,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        fsdp="full_shard auto_wrap" if fsdp else "",
+        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                     "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"} if fsdp else None,
+        # Our rows are already tokenized, masked and packed: TRL only collates them (padding-free).
+        dataset_kwargs={"skip_prepare_dataset": True},
+        padding_free=True,
+        packing=False,
+        max_length=None,  # rows are packed to <= train.seq_length already
+        train_sampling_strategy="sequential",  # the order is the seeded shuffle done before packing
+        average_tokens_across_devices=True,  # loss = sum of token NLL / trained tokens of the global batch
+        dataloader_drop_last=True,
+        logging_steps=1,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_only_model=False,
+        report_to=cfg.logging.report_to or "none",
+        disable_tqdm=False,
+    )
+
+
+def _final_save(trainer: Any, tokenizer: Any, out: Path) -> Path:
+    """The fine-tuned model, tokenizer and chat template, written to a temporary folder and renamed."""
+    tmp = out.with_name(out.name + ".tmp")
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))  # collective under FSDP: every rank calls it
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(str(tmp))
+        trainer.model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+        trainer.model.generation_config.save_pretrained(str(tmp))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def run_sft(cfg: SFTConfig) -> Path:
+    """Fine-tune ``cfg.model`` on ``cfg.data``; returns the folder of the final HF model."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTTrainer
+
+    from megaprolong.sft.chat import prepare_tokenizer
+    from megaprolong.sft.data import build_sft_dataset
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.logging.wandb_project:
+        os.environ.setdefault("WANDB_PROJECT", cfg.logging.wandb_project)
+    cuda = torch.cuda.is_available()
+    args = training_arguments(cfg, world_size, cuda)  # starts the process group under torchrun/srun
+    transformers.set_seed(cfg.train.seed)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model))
+    with args.main_process_first(local=True, desc="SFT data"):
+        if cfg.data.prepare == "tiny" and not Path(cfg.data.path).exists():
+            from megaprolong.data.tiny import synthetic_chats, write_jsonl
+
+            write_jsonl(synthetic_chats(200, seed=0), Path(cfg.data.path))
+        dataset, report = build_sft_dataset(cfg, tokenizer, cfg.data.cache_dir or Path(cfg.output_dir) / ".sft_data",
+                                            progress=args.local_process_index == 0)
+    if args.process_index == 0:
+        print(f"megaprolong-sft: {report.summary()}", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model, dtype=torch.float32, attn_implementation=_attention(cfg, cuda),
+        use_cache=False)  # with a cache transformers would let packed conversations see each other
+    # The RoPE base (and every other field) of the long-context checkpoint is kept as saved.
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    metrics = _MetricsFile(Path(cfg.logging.metrics_file or Path(cfg.output_dir) / "metrics.jsonl"))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[metrics.callback])
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    trainer.train(resume_from_checkpoint=last)
+    out = _final_save(trainer, tokenizer, Path(cfg.output_dir) / "model")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # else gloo aborts at exit (REFERENCE.md section 10)
+    return out
