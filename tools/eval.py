@@ -1,7 +1,8 @@
-"""Console entry point ``megaprolong-eval``: long-context evaluation (not available yet)."""
+"""Console entry point ``megaprolong-eval`` (see megaprolong/eval/cli.py)."""
 
-from tools._unavailable import unavailable
+import sys
 
+from megaprolong.eval.cli import main
 
-def main() -> int:
-    return unavailable("megaprolong-eval", "long-context evaluation")
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation of HF checkpoints: HELMET/RULER-style recall tasks, long-document perplexity, HELMET adapter."""
