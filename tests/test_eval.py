@@ -25,17 +25,8 @@ def tokenizer(tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("eval_model")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                                 rope_theta=1.28e8, tie_word_embeddings=False)).save_pretrained(out)
-    for f in Path(tiny_tokenizer).iterdir():
-        shutil.copy(f, out / f.name)
-    return out
+def model_dir(tiny_chat_model):
+    return tiny_chat_model
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +217,7 @@ def test_helmet_adapter_on_a_fake_checkout(tmp_path, model_dir):
         "    metric = 'substring_exact_match' if d == 'json_kv' else 'ruler_recall'\n"
         "    name = f\"{d}_{c['tag']}_{Path(t).stem}_in{n}_size100_shots2_sampFalsemax100min0t0.0p1.0_chat{c['use_chat_template']}_42.json\"\n"
         "    (out / name).write_text(json.dumps({'averaged_metrics': {metric: score[d] - (int(n) > 8192) * 10}, 'data': []}))\n"
-        "    assert c['model_name_or_path'].endswith('eval_model0')\n")
+        "    assert c['model_name_or_path'].endswith('tiny_chat_model0')\n")
     out = tmp_path / "helmet_run"
     run = _eval("helmet", "--helmet-dir", helmet, "--model", model_dir, "--lengths", "8192,16384", "--out", out, "--run")
     assert run.returncode == 0, run.stderr[-3000:]

@@ -40,19 +40,8 @@ def tokenizer(tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def chat_model(tmp_path_factory, tiny_tokenizer):
-    """A tiny random HF Llama with the tiny tokenizer (RoPE base of a 512K-stage model)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("chat_model")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                         rope_theta=1.28e8, tie_word_embeddings=False))
-    model.save_pretrained(out)
-    for f in Path(tiny_tokenizer).iterdir():
-        shutil.copy(f, out / f.name)
-    return out
+def chat_model(tiny_chat_model):
+    return tiny_chat_model
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +247,31 @@ def test_cli_refuses_bad_config(tmp_path, chat_model, chats):
     out = sft("--config", str(REPO / "examples" / "tiny_sft.yaml"), f"model={tmp_path / 'nope'}")
     assert out.returncode == 2 and "not an HF model folder" in out.stderr
     assert sft("--help").returncode == 0
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, chat_model, chats):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    args = ["--config", str(REPO / "examples" / "tiny_sft.yaml"), f"model={chat_model}", f"output_dir={out}",
+            f"data.path={chats}", "train.seq_length=128", "train.global_batch_tokens=512", "train.steps=6",
+            "train.save_steps=3"]
+
+    def sft():
+        proc = subprocess.run([sys.executable, "-m", "megaprolong.sft", *args], capture_output=True, text=True,
+                              cwd=REPO, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc.stdout + proc.stderr
+
+    sft()
+    full = load_file(out / "model" / "model.safetensors")
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out / "checkpoints" / "checkpoint-6")  # as if the job died after step 5
+    shutil.rmtree(out / "model")
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-3'}" in sft()
+    resumed = load_file(out / "model" / "model.safetensors")
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+    assert [r["loss"] for r in rows[6:]] == losses[3:]

@@ -44,8 +44,8 @@ def metrics(tmp_path):
 
 def test_job_trains_and_checkpoints(cluster, tmp_path):
     job, log = submit(cluster, tmp_path, 4, "tiny-run")
-    assert cluster.wait(job) == "COMPLETED", log.read_text()[-3000:]
-    text = log.read_text()
+    assert cluster.wait(job) == "COMPLETED", log.read_text(errors="replace")[-3000:]
+    text = log.read_text(errors="replace")
     assert "rendezvous" in text and "step     4/4" in text
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
     assert (tmp_path / "ckpt" / "step_00000004" / "megaprolong.json").exists()
@@ -57,13 +57,64 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
     deadline = time.time() + 240
     while len(metrics(tmp_path)) < 2:
         assert time.time() < deadline and cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
-            log.read_text()[-3000:] if log.exists() else "no log"
+            log.read_text(errors="replace")[-3000:] if log.exists() else "no log"
         time.sleep(0.2)
     cluster.signal_batch(job)
-    assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text()[-3000:]
-    text = log.read_text()
+    assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
+    text = log.read_text(errors="replace")
     assert "USR1: asking the training processes to checkpoint" in text
     assert "requeueing job" in text and "restart 1" in text and "resumed from" in text
     rows = metrics(tmp_path)
     assert rows[-1]["step"] == steps
     assert sorted({r["step"] for r in rows}) == list(range(1, steps + 1))
+
+
+def test_sft_job_preempts_requeues_resumes_then_eval_job_scores_the_model(cluster, tmp_path, tiny_chat_model):
+    """`sbatch slurm/sft.sh` (tiny SFT recipe, 2 CPU processes): preempted mid-run, it checkpoints,
+    requeues and resumes to the end; `sbatch slurm/eval.sh` then evaluates the fine-tuned model."""
+    from megaprolong.data.tiny import synthetic_chats, write_jsonl
+
+    chats = write_jsonl(synthetic_chats(100, seed=2), tmp_path / "chats.jsonl")
+    out, steps = tmp_path / "sft", 300
+    env = {"REPO": str(REPO), "RECIPE": str(REPO / "examples" / "tiny_sft.yaml"), "MODEL": str(tiny_chat_model),
+           "SFT_DATA": str(chats), "OUT_DIR": str(out), "GPUS_PER_NODE": "2", "PYTHON": sys.executable,
+           "MASTER_PORT": "29612", "EXTRA_ARGS": f"train.steps={steps}"}
+    log = tmp_path / "sft.log"
+    job = cluster.sbatch(str(REPO / "slurm" / "sft.sh"), "--job-name=tiny-sft", "--nodes=1", "--gpus-per-node=0",
+                         "--cpus-per-task=2", f"--output={log}", f"--chdir={REPO}", env=env)
+    metrics_file = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 3:
+        assert time.time() < deadline and cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
+            log.read_text(errors="replace")[-3000:] if log.exists() else "no log"
+        time.sleep(0.2)
+    cluster.signal_batch(job)
+    assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
+    text = log.read_text(errors="replace")
+    assert "USR1: asking the training processes" in text and "requeueing job" in text
+    assert "resuming from" in text and "fine-tuned model ->" in text
+    rows = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()]
+    assert sorted(set(rows)) == list(range(1, steps + 1))
+    assert (out / "model" / "model.safetensors").exists()
+
+    results = tmp_path / "eval"
+    env = {"REPO": str(REPO), "MODEL": str(out / "model"), "OUT_DIR": str(results), "TASKS": "niah_single,json_kv",
+           "LENGTHS": "1024", "PYTHON": sys.executable, "EVAL_ARGS": "--samples 2"}
+    log = tmp_path / "eval.log"
+    job = cluster.sbatch(str(REPO / "slurm" / "eval.sh"), "--job-name=tiny-eval", "--gpus-per-node=0",
+                         "--cpus-per-task=2", f"--output={log}", f"--chdir={REPO}", env=env)
+    assert cluster.wait(job, timeout=300) == "COMPLETED", log.read_text(errors="replace")[-3000:]
+    scores = json.loads((results / "results.json").read_text())["scores"]
+    assert set(scores) == {"niah_single", "json_kv"} and "niah_single" in log.read_text(errors="replace")
+
+
+def test_scripts_fail_fast_on_missing_inputs(cluster, tmp_path):
+    for script, env, message in (
+            ("eval.sh", {}, "MODEL is not set"),
+            ("sft.sh", {"MODEL": str(tmp_path / "none")}, "HF model not found"),
+            ("prolong_512k.sh", {"DATA_ROOT": str(tmp_path / "none")}, "data not found")):
+        log = tmp_path / f"{script}.log"
+        job = cluster.sbatch(str(REPO / "slurm" / script), "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1",
+                             f"--output={log}", f"--chdir={REPO}", env={"REPO": str(REPO), **env})
+        assert cluster.wait(job, timeout=60) == "FAILED"
+        assert message in log.read_text(errors="replace")

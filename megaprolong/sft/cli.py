@@ -49,5 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megaprolong-sft: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"megaprolong-sft: fine-tuned model -> {out}")
+        print(f"megaprolong-sft: fine-tuned model -> {out}" if out else
+              "megaprolong-sft: stop requested (SIGTERM/SIGUSR1): checkpointed, exiting; a rerun resumes")
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ def _attention(cfg: SFTConfig, cuda: bool) -> str:
 class _MetricsFile:
     """A transformers callback writing one JSON object per logged step (main process only)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fresh: bool):
         from transformers import TrainerCallback
 
         outer = self
@@ -43,7 +44,7 @@ class _MetricsFile:
 
         self.callback = Callback()
         self.path, self.last, self.tokens = path, time.time(), 0.0
-        if int(os.environ.get("RANK", 0)) == 0:
+        if int(os.environ.get("RANK", 0)) == 0 and (fresh or not path.exists()):  # a resumed run appends
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("")
 
@@ -55,6 +56,20 @@ class _MetricsFile:
         self.last, self.tokens = now, tokens
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def _preemption_callback(stop: Any) -> Any:
+    """On SIGTERM/SIGUSR1 (agreed by all ranks after each step): save a checkpoint and stop training."""
+    from transformers import TrainerCallback
+
+    class Preemption(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop.agreed():
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return Preemption()
 
 
 def training_arguments(cfg: SFTConfig, world_size: int, cuda: bool) -> Any:
@@ -100,7 +115,7 @@ def training_arguments(cfg: SFTConfig, world_size: int, cuda: bool) -> Any:
         save_steps=t.save_steps or 500,
         save_only_model=False,
         report_to=cfg.logging.report_to or "none",
-        disable_tqdm=False,
+        disable_tqdm=not sys.stderr.isatty(),  # in a Slurm log: one line per step, no progress-bar redraws
     )
 
 
@@ -120,14 +135,16 @@ def _final_save(trainer: Any, tokenizer: Any, out: Path) -> Path:
     return out
 
 
-def run_sft(cfg: SFTConfig) -> Path:
-    """Fine-tune ``cfg.model`` on ``cfg.data``; returns the folder of the final HF model."""
+def run_sft(cfg: SFTConfig) -> Path | None:
+    """Fine-tune ``cfg.model`` on ``cfg.data``; returns the folder of the final HF model, or None when a
+    preemption signal stopped the run (its checkpoint is in OUTPUT_DIR/checkpoints; a rerun resumes)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
+    from megaprolong.runtime.preemption import StopRequest
     from megaprolong.sft.chat import prepare_tokenizer
     from megaprolong.sft.data import build_sft_dataset
 
@@ -152,12 +169,16 @@ def run_sft(cfg: SFTConfig) -> Path:
         use_cache=False)  # with a cache transformers would let packed conversations see each other
     # The RoPE base (and every other field) of the long-context checkpoint is kept as saved.
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    metrics = _MetricsFile(Path(cfg.logging.metrics_file or Path(cfg.output_dir) / "metrics.jsonl"))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[metrics.callback])
     last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    metrics = _MetricsFile(Path(cfg.logging.metrics_file or Path(cfg.output_dir) / "metrics.jsonl"), fresh=last is None)
+    stop = StopRequest()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[metrics.callback, _preemption_callback(stop)])
+    if last and args.process_index == 0:
+        print(f"megaprolong-sft: resuming from {last}", flush=True)
     trainer.train(resume_from_checkpoint=last)
-    out = _final_save(trainer, tokenizer, Path(cfg.output_dir) / "model")
+    preempted = stop.agreed()
+    out = None if preempted else _final_save(trainer, tokenizer, Path(cfg.output_dir) / "model")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # else gloo aborts at exit (REFERENCE.md section 10)
     return out

@@ -10,7 +10,6 @@ gradients by the global token count (``calculate_per_token_loss``), REFERENCE.md
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,6 +30,7 @@ from megaprolong.data.packing import Sample, balance_micro_batches
 from megaprolong.model.context_parallel import concat_packed, packed_seq_params, split_for_context_parallel
 from megaprolong.model.llama import build_model, transformer_config
 from megaprolong.runtime.device import device, init_distributed, local_rank_zero_first
+from megaprolong.runtime.preemption import StopRequest
 from megaprolong.training import checkpoint
 from megaprolong.training.config import Config, validate
 from megaprolong.training.flops import train_step_flops
@@ -264,24 +264,6 @@ class Trainer:
         return t[0] / max(t[1], 1.0), int(t[1]), per_domain
 
 
-class _StopRequest:
-    """SIGTERM / SIGUSR1 (Slurm preemption, time limit) ask the run to checkpoint and exit after the
-    current step; ranks agree through an all-reduce so they all save the same step."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
 def _start(trainer: Trainer, log) -> None:
     """Resume the run from its newest checkpoint, or start a stage from another run's checkpoint."""
     ck = trainer.cfg.checkpoint
@@ -320,7 +302,7 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
     trainer.num_domains = len(names)
     say = log if dist.get_rank() == 0 else (lambda *_: None)
     _start(trainer, say)
-    stop = _StopRequest()
+    stop = StopRequest()
     ck = cfg.checkpoint
     history = []
     metrics = MetricsLogger(cfg.logging, names, cfg.train.steps, enabled=dist.get_rank() == 0, print_fn=log)
