@@ -6,8 +6,11 @@
    ProLong's mix shape (long documents as single-document chunks, short documents packed);
 4. stage 2: 4x longer sequences split over 2 context-parallel ranks with document-masked attention,
    RoPE base raised to 1.28e8, starting from the stage-1 checkpoint with a fresh LR schedule;
-5. convert the stage-2 checkpoint to an HF model (``megaprolong-convert mcore-to-hf``).
-Each step's loss is printed; a summary table closes the run.
+5. convert the stage-2 checkpoint to an HF model (``megaprolong-convert mcore-to-hf``);
+6. SFT: fine-tune that HF model on synthetic chat data (Llama-3 chat template, assistant-only loss,
+   packed conversations) with TRL on 2 gloo processes (``examples/tiny_sft.yaml``);
+7. evaluate the fine-tuned model: needle-in-a-haystack and JSON KV prompts, perplexity by position.
+Each step's loss is printed; a summary table and a loss-curve PNG (WORKDIR/loss_curves.png) close the run.
 """
 
 from __future__ import annotations
@@ -27,6 +30,37 @@ def _step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
+def _run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    if proc.returncode != 0:
+        raise SystemExit(f"demo: {what} failed (exit {proc.returncode})")
+
+
+def _torchrun(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", module, *args]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def plot_losses(curves: dict[str, list[dict]], out: Path) -> Path:
+    """One panel per stage: loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2))
+    for ax, (name, rows) in zip(axes, curves.items()):
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
+        ax.set(title=name, xlabel="step", ylabel="loss")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m megaprolong.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,17 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from megaprolong.data.preprocess import PreprocessConfig, preprocess
-    from megaprolong.data.tiny import synthetic_corpus, train_tokenizer, write_jsonl
+    from megaprolong.data.tiny import synthetic_chats, synthetic_corpus, train_tokenizer, write_jsonl
 
     work = Path(args.workdir)
     t0 = time.time()
-    _step("1/5 corpus and tokenizer")
+    _step("1/7 corpus and tokenizer")
     docs = synthetic_corpus(n_docs=600, seed=0)
     corpus = write_jsonl(docs, work / "corpus.jsonl")
     tok = train_tokenizer([d["text"] for d in docs], work / "tokenizer", vocab_size=512)
     print(f"{len(docs)} documents -> {corpus}; tokenizer -> {tok}")
 
-    _step("2/5 preprocess each domain to a Megatron indexed dataset")
+    _step("2/7 preprocess each domain to a Megatron indexed dataset")
     for domain, extra in (("books", {}), ("code", {"group_by": "repo"}), ("web", {})):
         src = write_jsonl([d for d in docs if d["domain"] == domain], work / f"{domain}.jsonl")
         report = preprocess(PreprocessConfig(inputs=[str(src)], tokenizer=str(tok.parent), quiet=True,
@@ -53,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{domain:>5}: {report['documents']:>4} documents, {report['tokens']:>7,} tokens -> "
               f"{work / 'data' / domain}.bin/.idx" + (" (files grouped by repository)" if extra else ""))
 
-    summary = []
+    write_jsonl(synthetic_chats(200, seed=0), work / "chats.jsonl")
+    summary, curves = [], {}
     for n, (stage, title) in enumerate((("tiny_stage1", "stage 1: TP=2 + sequence parallel, 128-token sequences"),
                                         ("tiny_stage2", "stage 2: CP=2, 512-token sequences, RoPE base 1.28e8")),
                                        start=3):
-        _step(f"{n}/5 {title}")
+        _step(f"{n}/7 {title}")
         out = work / stage
         metrics = out / "metrics.jsonl"
         metrics.unlink(missing_ok=True)
@@ -67,24 +102,33 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"train.steps={args.steps}")
         else:
             overrides.append(f"checkpoint.load={work / 'tiny_stage1' / 'ckpt'}")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               "-m", "megaprolong.train", "--config", str(REPO / "examples" / f"{stage}.yaml"), *overrides]
-        proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
-        if proc.returncode != 0:
-            print(f"demo: {stage} failed (exit {proc.returncode})", file=sys.stderr)
-            return proc.returncode
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-        summary.append((stage, len(rows), rows[0]["loss"], rows[-1]["loss"],
-                        sum(r["tokens_per_s"] for r in rows) / len(rows), out / "ckpt"))
-    _step("5/5 convert the stage-2 checkpoint to HF (transformers) format")
+        _run(_torchrun("megaprolong.train", "--config", str(REPO / "examples" / f"{stage}.yaml"), *overrides), stage)
+        curves[stage] = _read_jsonl(metrics)
+        summary.append((stage, curves[stage], out / "ckpt"))
+    _step("5/7 convert the stage-2 checkpoint to HF (transformers) format")
     from megaprolong.convert.jobs import mcore_to_hf
 
     hf_dir = mcore_to_hf(str(work / "tiny_stage2" / "ckpt"), str(work / "hf"), tokenizer=str(tok.parent), force=True)
     print(f"HF model -> {hf_dir} (AutoModelForCausalLM.from_pretrained loads it)")
+
+    _step("6/7 SFT: Llama-3 chat format, loss on assistant replies, packed conversations (TRL, 2 processes)")
+    sft = work / "sft"
+    _run(_torchrun("megaprolong.sft", "--config", str(REPO / "examples" / "tiny_sft.yaml"), f"model={hf_dir}",
+                   f"output_dir={sft}", f"data.path={work / 'chats.jsonl'}"), "SFT")
+    curves["tiny_sft"] = _read_jsonl(sft / "metrics.jsonl")
+    summary.append(("tiny_sft", curves["tiny_sft"], sft / "model"))
+
+    _step("7/7 evaluate the fine-tuned model: RULER needles, JSON KV, perplexity by position")
+    _run([sys.executable, "-m", "megaprolong.eval", "--model", str(sft / "model"), "--tasks",
+          "niah_single,niah_multikey,json_kv,ppl", "--lengths", "448,512", "--samples", "4", "--out",
+          str(work / "eval"), "--ppl-data", str(work / "data" / "books"), "--ppl-documents", "4", "--force"], "eval")
+    png = plot_losses(curves, work / "loss_curves.png")
     print(f"\n=== summary ({time.time() - t0:.0f} s)")
-    print(f"{'stage':<12} {'steps':>5} {'first loss':>10} {'last loss':>10} {'tokens/s':>9}  checkpoint")
-    for stage, steps, first, last, tps, ckpt in summary:
-        print(f"{stage:<12} {steps:>5} {first:>10.3f} {last:>10.3f} {tps:>9,.0f}  {ckpt}")
+    print(f"{'stage':<12} {'steps':>5} {'first loss':>10} {'last loss':>10} {'tokens/s':>9}  output")
+    for stage, rows, where in summary:
+        tps = sum(r["tokens_per_s"] for r in rows) / len(rows)
+        print(f"{stage:<12} {len(rows):>5} {rows[0]['loss']:>10.3f} {rows[-1]['loss']:>10.3f} {tps:>9,.0f}  {where}")
+    print(f"evaluation: {work / 'eval'}/results.json, table.txt, scores.png, ppl.png; loss curves: {png}")
     return 0
 
 

@@ -109,6 +109,7 @@ def training_arguments(cfg: SFTConfig, world_size: int, cuda: bool) -> Any:
         max_length=None,  # rows are packed to <= train.seq_length already
         train_sampling_strategy="sequential",  # the order is the seeded shuffle done before packing
         average_tokens_across_devices=True,  # loss = sum of token NLL / trained tokens of the global batch
+        ddp_find_unused_parameters=False,
         dataloader_drop_last=True,
         logging_steps=1,
         save_strategy="steps" if t.save_steps else "no",
