@@ -134,3 +134,22 @@ def test_trained_checkpoint_exports_to_transformers_with_its_rope_base(uninterru
     assert model.config.rope_parameters["rope_theta"] == 8000000.0
     generated = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 7)
+
+
+@pytest.mark.multirank
+def test_async_checkpoints_resume_like_the_uninterrupted_run(data, tmp_path, uninterrupted):
+    """Checkpoints written in the background (checkpoint.async_save) are complete when published and
+    resume exactly."""
+    _, want = uninterrupted
+    args = train_args(data, tmp_path / "ckpt", tmp_path / "m.jsonl", "checkpoint.interval=2",
+                      "checkpoint.async_save=true")
+    out = torchrun("megaprolong.train", 2, *args)
+    assert "saving" in out
+    from megaprolong.training.checkpoint import complete_checkpoints
+
+    assert [p.name for p in complete_checkpoints(tmp_path / "ckpt")] == [f"step_{s:08d}" for s in (2, 4, 6)]
+    torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want, rtol=1e-6, atol=0)
+    resumed = train_args(data, tmp_path / "ckpt2", tmp_path / "m2.jsonl",
+                         f"checkpoint.resume={tmp_path / 'ckpt' / 'step_00000004'}")
+    assert "resumed from" in torchrun("megaprolong.train", 2, *resumed)
+    torch.testing.assert_close(losses(tmp_path / "m2.jsonl"), want[4:], rtol=1e-6, atol=0)

@@ -24,6 +24,9 @@ LAYOUTS = {
     "tp2_sp_cp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.cp=2"]),
     "pp2_cp2": (4, ["parallel.pp=2", "parallel.cp=2"]),
     "dp2_micro2": (2, ["train.micro_batch_size=2"]),  # token averaging across micro-batch shapes
+    # the memory-bounded LM head + cross-entropy, in uneven chunks of sequence-parallel positions
+    "tp2_sp_cp2_chunked_loss": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.cp=2",
+                                    "train.loss_chunk_tokens=3"]),
 }
 
 

@@ -102,6 +102,19 @@ def test_bad_conversations_are_counted_or_strict_errors(tmp_path, tokenizer):
         list(read_conversations(path, tokenizer, strict=True))
 
 
+def test_parquet_and_saved_hf_datasets_read_like_jsonl(tmp_path, chats, tokenizer):
+    import datasets
+
+    from megaprolong.sft.data import read_conversations
+
+    rows = [json.loads(line) for line in Path(chats).read_text().splitlines()]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "chats.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    expected = [(c.input_ids, c.labels) for c in read_conversations(chats, tokenizer)]
+    for source in (tmp_path / "chats.parquet", tmp_path / "saved"):
+        assert [(c.input_ids, c.labels) for c in read_conversations(source, tokenizer)] == expected
+
+
 def test_packing_starts_a_new_sequence_when_a_conversation_does_not_fit():
     from megaprolong.sft.chat import IGNORE
     from megaprolong.sft.data import Conversation, DataReport, plan_packing, truncate

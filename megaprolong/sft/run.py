@@ -165,6 +165,9 @@ def run_sft(cfg: SFTConfig) -> Path | None:
                                             progress=args.local_process_index == 0)
     if args.process_index == 0:
         print(f"megaprolong-sft: {report.summary()}", flush=True)
+        if report.truncated:
+            print(f"megaprolong-sft: warning: {report.truncated} conversation(s) longer than train.seq_length="
+                  f"{cfg.train.seq_length} were truncated", file=sys.stderr, flush=True)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model, dtype=torch.float32, attn_implementation=_attention(cfg, cuda),
         use_cache=False)  # with a cache transformers would let packed conversations see each other

@@ -84,8 +84,12 @@ def _restore_adam_step(optimizer) -> None:
                                                  device=state["step"].device)
 
 
-def save(trainer, root: str | Path, keep: int | None = None) -> Path:
-    """Save model, optimizer, schedule and RNG at ``trainer.step``; collective over all ranks."""
+def save(trainer, root: str | Path, keep: int | None = None, queue=None) -> Path:
+    """Save model, optimizer, schedule and RNG at ``trainer.step``; collective over all ranks.
+
+    With ``queue`` (a megatron ``AsyncCallsQueue``) the sharded state is written by a background process
+    while training goes on; the checkpoint is published (metadata written, renamed) when the queue
+    finalizes it (``queue.maybe_finalize_async_calls``, collective), so an unfinished one is never picked."""
     root = Path(root)
     final = root / f"step_{trainer.step:08d}"
     tmp = root / f"step_{trainer.step:08d}.tmp"
@@ -93,21 +97,31 @@ def save(trainer, root: str | Path, keep: int | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(trainer, is_loading=False, with_optimizer=True), str(tmp))
+    state = _sharded_state(trainer, is_loading=False, with_optimizer=True)
     torch.save(_rng_state(), tmp / f"rng_rank{dist.get_rank():05d}.pt")
-    dist.barrier()
-    if dist.get_rank() == 0:
-        meta = {"step": trainer.step, "scheduler": trainer.scheduler.state_dict(),
-                "rope_base": trainer.cfg.model.rope_base, "world_size": dist.get_world_size(),
-                "layout": _layout(trainer),
-                "config": asdict(trainer.cfg)}
-        (tmp / _META).write_text(json.dumps(meta, indent=2, default=str))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        if keep:
-            for old in complete_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    meta = {"step": trainer.step, "scheduler": trainer.scheduler.state_dict(),
+            "rope_base": trainer.cfg.model.rope_base, "world_size": dist.get_world_size(),
+            "layout": _layout(trainer), "config": asdict(trainer.cfg)}
+
+    def publish():
+        dist.barrier()  # every rank's shards are written
+        if dist.get_rank() == 0:
+            (tmp / _META).write_text(json.dumps(meta, indent=2, default=str))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            if keep:
+                for old in complete_checkpoints(root)[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    if queue is None:
+        dist_checkpointing.save(state, str(tmp))
+        publish()
+    else:
+        # megatron-core's own background writer (the default, "nvrx", needs nvidia-resiliency-ext)
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True, async_strategy="mcore")
+        request.add_finalize_fn(publish)
+        queue.schedule_async_request(request)
     return final
 
 

@@ -32,6 +32,7 @@ class TrainConfig:
     micro_batch_size: int = 1
     precision: Literal["bf16", "fp32"] = "bf16"
     recompute: Literal["none", "full", "selective"] = "full"
+    loss_chunk_tokens: int = 0  # > 0: LM head + cross-entropy this many local tokens at a time (bounds logits memory)
     dist_timeout_minutes: int = 30
 
 
@@ -65,6 +66,7 @@ class CheckpointConfig:
     resume: str = "auto"  # "auto": continue from the newest complete checkpoint in dir; "none"; or a path
     load: str | None = None  # start this stage from a checkpoint (or the newest in a dir): weights + optimizer, fresh schedule
     keep: int | None = None  # keep only the newest N checkpoints
+    async_save: bool = False  # write checkpoints in a background process while training continues
 
 
 @dataclass
@@ -125,5 +127,7 @@ def validate(cfg: Config, world_size: int) -> None:
         problems.append(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction} must be in [0, 1]")
     if t.steps < 1:
         problems.append(f"train.steps={t.steps} must be >= 1")
+    if t.loss_chunk_tokens < 0:
+        problems.append(f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0: no chunking)")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))

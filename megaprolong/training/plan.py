@@ -6,7 +6,7 @@ master + Adam moments 12 B/param sharded over DP x CP; activations of the local 
 ``S / CP`` (``/ TP`` under sequence parallelism) per layer: with full recomputation only each layer's
 input (2 B x h) is kept, plus one layer's working set (~34 B x h per token, attention by flash kernels,
 Korthikanti et al. 2022); fp32 logits of the local tokens over the local vocabulary (x2 for their
-gradient). Step time = model FLOPs (attention per document, assumed full-length documents: an upper bound)
+gradient), or of one chunk of them with ``train.loss_chunk_tokens``. Step time = model FLOPs (attention per document, assumed full-length documents: an upper bound)
 / (GPUs x peak x MFU), the MFU calibrated on ProLong's reported 2.65K tokens/s/GPU for Llama-3-8B at 64K on
 H100s, with a pipeline-bubble factor (1 + (PP - 1) / micro-batches).
 """
@@ -68,7 +68,10 @@ def estimate(cfg: Config, gpus: int, tp: int, pp: int, cp: int, mfu: float) -> E
         acts = layers_here * tokens * m.hidden_size * 34
     micro = t.global_batch_size // (t.micro_batch_size * dp)
     acts *= min(pp, micro)  # 1F1B keeps up to PP micro-batches in flight on the first stage
-    logits = 2 * 4 * (t.seq_length / cp) * m.vocab_size / tp
+    logit_tokens = t.seq_length / cp
+    if t.loss_chunk_tokens:  # one chunk of local positions (gathered over TP under SP) at a time
+        logit_tokens = min(logit_tokens, t.loss_chunk_tokens * (tp if cfg.parallel.sequence_parallel else 1))
+    logits = 2 * 4 * logit_tokens * m.vocab_size / tp
     memory = {"weights": 2 * per_rank, "grads": 4 * per_rank, "optimizer": 12 * per_rank / (dp * cp),
               "activations": acts, "logits": logits, "overhead": 3 * 2**30}
     memory = {k: v / 2**30 for k, v in memory.items()}

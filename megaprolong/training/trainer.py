@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
@@ -27,6 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megaprolong.data.packing import Sample, balance_micro_batches
+from megaprolong.model.chunked_loss import chunked_lm_loss
 from megaprolong.model.context_parallel import concat_packed, packed_seq_params, split_for_context_parallel
 from megaprolong.model.llama import build_model, transformer_config
 from megaprolong.runtime.device import device, init_distributed, local_rank_zero_first
@@ -211,8 +213,10 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
+        chunk = self.cfg.train.loss_chunk_tokens
         output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"],
-                       packed_seq_params=batch["packed_seq_params"])
+                       packed_seq_params=batch["packed_seq_params"],
+                       output_processor=chunked_lm_loss(chunk) if chunk else None)
         return output, partial(token_loss, batch["loss_mask"], batch["domains"], self.num_domains)
 
     def forward_backward(self, global_batch: list[Sample]) -> list[dict]:
@@ -306,19 +310,25 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
     ck = cfg.checkpoint
     history = []
     metrics = MetricsLogger(cfg.logging, names, cfg.train.steps, enabled=dist.get_rank() == 0, print_fn=log)
+    queue = AsyncCallsQueue() if ck.async_save else None
     try:
         while trainer.step < cfg.train.steps:
             m = trainer.train_step(dataset.global_batch(trainer.step, cfg.train.global_batch_size))
             history.append(m)
             metrics.log(m)
+            if queue:
+                queue.maybe_finalize_async_calls(blocking=False)  # publishes background saves that finished
             stopping = stop.agreed()
             due = ck.interval and trainer.step % ck.interval == 0
             if ck.dir and (due or stopping or trainer.step == cfg.train.steps):
-                path = checkpoint.save(trainer, ck.dir, keep=ck.keep)
-                say(f"saved {path}")
+                path = checkpoint.save(trainer, ck.dir, keep=ck.keep, queue=queue)
+                say(f"{'saving' if queue else 'saved'} {path}")
             if stopping:
                 say(f"stop requested (SIGTERM/SIGUSR1): checkpointed at step {trainer.step}, exiting")
                 break
     finally:
+        if queue:
+            queue.maybe_finalize_async_calls(blocking=True)  # the last save is complete before we exit
+            queue.close()
         metrics.close()
     return history
