@@ -86,6 +86,29 @@ def test_megatron_logits_under_tp_pp_equal_transformers(converted, layout):
     assert "HF_LOGITS_OK" in out
 
 
+@pytest.mark.multirank
+def test_vocabulary_padded_for_tp_is_exact_and_stripped_on_export(tmp_path):
+    """A vocabulary TP=2 does not divide (255) is padded to 256 rows; under TP=2 the logits and the training
+    loss equal transformers' (padded logits masked out); export gives back the original tensors."""
+    from safetensors.torch import load_file
+
+    hf = tiny_hf(tmp_path / "hf", vocab_size=255)
+    out = convert("hf-to-mcore", "--hf", hf, "--out", tmp_path / "mcore", "--tp", 2, "--verify", "--tolerance", "1e-4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    meta = json.loads((tmp_path / "mcore" / "step_00000000" / "megaprolong.json").read_text())
+    assert meta["config"]["model"]["vocab_multiple"] == 128
+    assert "HF_LOGITS_OK" in torchrun("hf_logits.py", 2, str(hf), str(tmp_path / "mcore"), "parallel.tp=2",
+                                      "model.vocab_multiple=128")
+    assert convert("mcore-to-hf", "--ckpt", tmp_path / "mcore", "--out", tmp_path / "back", "--dtype",
+                   "float32").returncode == 0
+    original, back = {}, {}
+    for d, into in ((hf, original), (tmp_path / "back", back)):
+        for f in d.glob("*.safetensors"):
+            into.update(load_file(f))
+    assert back.keys() == original.keys() and all(torch.equal(back[k], t) for k, t in original.items())
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["vocab_size"] == 255
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing_shard", "missing"),
     ("tied", "tie_word_embeddings"),

@@ -18,6 +18,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--tp", type=int, default=1, help="tensor-parallel size the checkpoint will be trained with (checked)")
     a.add_argument("--pp", type=int, default=1, help="pipeline-parallel size it will be trained with (checked)")
     a.add_argument("--rope-base", type=float, help="record this RoPE base instead of the HF config's rope_theta")
+    a.add_argument("--vocab-multiple", type=int, help="pad the vocabulary to a multiple of this for tensor "
+                   "parallelism (default: 128 when --tp does not divide it, else none); stripped on export")
     a.add_argument("--verify", action="store_true",
                    help="compare HF and megatron logits on random tokens; exit 1 above --tolerance")
     a.add_argument("--tolerance", type=float, default=1e-3, help="max |logit difference| for --verify (fp32)")
@@ -38,7 +40,8 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "hf-to-mcore":
-            step = jobs.hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.rope_base, args.force)
+            step = jobs.hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.rope_base, args.force,
+                                    args.vocab_multiple)
             print(f"wrote {step}")
             if args.verify:
                 result = jobs.verify(args.hf, str(step), tolerance=args.tolerance)

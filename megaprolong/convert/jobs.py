@@ -55,14 +55,17 @@ def _finish(tmp: Path, out: Path) -> None:
 
 
 def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, rope_base: float | None = None,
-                force: bool = False) -> Path:
-    """HF Llama -> ``OUT/step_00000000`` (weights only), loadable as a stage start (checkpoint.load=OUT)."""
+                force: bool = False, vocab_multiple: int | None = None) -> Path:
+    """HF Llama -> ``OUT/step_00000000`` (weights only), loadable as a stage start (checkpoint.load=OUT).
+    The vocabulary is padded to a multiple of ``vocab_multiple`` (default: 128 when ``tp`` does not divide
+    it, as Megatron-LM pads, else no padding)."""
     from megatron.core import dist_checkpointing
 
     hf = HFCheckpoint(hf_dir)
     m = model_config_from_hf(hf.config)
     if rope_base is not None:
         m.rope_base = float(rope_base)
+    m.vocab_multiple = vocab_multiple or (1 if m.vocab_size % tp == 0 else 128)
     _check_layout(m, tp, pp)
     out_path, tmp = _prepare_out(out, force)
     try:
@@ -101,8 +104,9 @@ def _check_layout(m: ModelConfig, tp: int, pp: int) -> None:
         problems.append(f"heads {m.num_attention_heads} / KV groups {m.num_query_groups} not divisible by tp={tp}")
     if m.num_layers % pp:
         problems.append(f"layers {m.num_layers} not divisible by pp={pp}")
-    if m.vocab_size % tp:
-        problems.append(f"vocab {m.vocab_size} not divisible by tp={tp}")
+    if m.padded_vocab_size % tp:
+        problems.append(f"vocab {m.vocab_size} padded to {m.padded_vocab_size} not divisible by tp={tp} "
+                        f"(choose --vocab-multiple)")
     if problems:
         raise ConversionError("the checkpoint cannot be trained with this layout: " + "; ".join(problems))
 
@@ -201,6 +205,7 @@ def verify(hf_dir: str, ckpt: str, tokens: int = 64, tolerance: float = 1e-3, se
         ref = hf(input_ids=ids, use_cache=False).logits[0].float()
         dev = next(model.parameters()).device
         got = model(ids.to(dev), torch.arange(tokens, device=dev)[None], attention_mask=None)[0].float().cpu()
+    got = got[:, :m.vocab_size]  # padded ids are not in the HF model
     diff = (got - ref).abs().max().item()
     agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
     return {"max_abs_logit_diff": diff, "greedy_agreement": agree, "ok": diff <= tolerance and agree == 1.0}

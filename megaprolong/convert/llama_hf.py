@@ -83,9 +83,18 @@ def _split_qkv(qkv, m: ModelConfig):
     return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
 
 
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero rows appended up to ``rows`` (the padded vocabulary: never looked up, masked out of the loss)."""
+    return t if t.shape[0] >= rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def _strip_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] == rows else t[:rows].clone()  # a copy: safetensors refuses views of a larger tensor
+
+
 def hf_to_megatron(get, m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(megatron name, tensor) pairs; ``get(hf_name)`` returns one HF tensor (read lazily)."""
-    yield "embedding.word_embeddings.weight", get("model.embed_tokens.weight")
+    yield "embedding.word_embeddings.weight", _pad_rows(get("model.embed_tokens.weight"), m.padded_vocab_size)
     for i in range(m.num_layers):
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
         yield mc + "input_layernorm.weight", get(hf + "input_layernorm.weight")
@@ -97,12 +106,12 @@ def hf_to_megatron(get, m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
         yield mc + "mlp.linear_fc1.weight", torch.cat([get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")])
         yield mc + "mlp.linear_fc2.weight", get(hf + "mlp.down_proj.weight")
     yield "decoder.final_layernorm.weight", get("model.norm.weight")
-    yield "output_layer.weight", get("lm_head.weight")
+    yield "output_layer.weight", _pad_rows(get("lm_head.weight"), m.padded_vocab_size)
 
 
 def megatron_to_hf(get, m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) pairs; ``get(megatron_name)`` returns one full megatron tensor."""
-    yield "model.embed_tokens.weight", get("embedding.word_embeddings.weight")
+    yield "model.embed_tokens.weight", _strip_rows(get("embedding.word_embeddings.weight"), m.vocab_size)
     for i in range(m.num_layers):
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
         yield hf + "input_layernorm.weight", get(mc + "input_layernorm.weight")
@@ -117,7 +126,7 @@ def megatron_to_hf(get, m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
         yield hf + "mlp.up_proj.weight", up
         yield hf + "mlp.down_proj.weight", get(mc + "mlp.linear_fc2.weight")
     yield "model.norm.weight", get("decoder.final_layernorm.weight")
-    yield "lm_head.weight", get("output_layer.weight")
+    yield "lm_head.weight", _strip_rows(get("output_layer.weight"), m.vocab_size)
 
 
 class HFCheckpoint:

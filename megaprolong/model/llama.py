@@ -32,10 +32,17 @@ class ModelConfig:
     norm_eps: float = 1e-5
     max_position_embeddings: int = 8192
     init_std: float = 0.02
+    # Embedding and output rows are padded to a multiple of this (tensor parallelism splits the vocabulary):
+    # the padded logits are masked out of the softmax, and the padded rows are stripped on export to HF.
+    vocab_multiple: int = 1
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
 def have_transformer_engine() -> bool:
@@ -134,7 +141,7 @@ def build_model(
     return GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(config, vp_stage),
-        vocab_size=model.vocab_size,
+        vocab_size=model.padded_vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,

@@ -135,6 +135,13 @@ def load(trainer, path: str | Path, resume: bool) -> dict:
     """
     path = Path(path)
     meta = json.loads((path / _META).read_text())
+    saved = meta.get("config", {}).get("model", {})
+    for key in ("vocab_size", "vocab_multiple", "num_layers", "hidden_size", "num_query_groups"):
+        if key in saved and saved[key] != getattr(trainer.cfg.model, key):
+            from megaprolong.config import ConfigError
+
+            raise ConfigError(f"{path}: the checkpoint has model.{key}={saved[key]}, the recipe "
+                              f"{getattr(trainer.cfg.model, key)}: set model.{key}={saved[key]}")
     # Optimizer shards are saved DP-reshardable (megatron's fully-reshardable format does not load with
     # torch's AdamW in 0.19); under another TP/PP/VPP layout only the (reshardable) weights are loaded.
     same_layout = meta.get("layout") == _layout(trainer) and not meta.get("weights_only")

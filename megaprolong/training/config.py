@@ -106,6 +106,10 @@ def validate(cfg: Config, world_size: int) -> None:
         problems.append(f"model.num_query_groups={m.num_query_groups} not divisible by parallel.tp={p.tp}")
     if m.num_attention_heads % m.num_query_groups:
         problems.append(f"model.num_attention_heads={m.num_attention_heads} not divisible by model.num_query_groups={m.num_query_groups}")
+    if m.padded_vocab_size % p.tp:
+        problems.append(f"model.vocab_size={m.vocab_size} (padded to a multiple of model.vocab_multiple="
+                        f"{m.vocab_multiple}: {m.padded_vocab_size}) not divisible by parallel.tp={p.tp}; "
+                        f"set model.vocab_multiple (e.g. 128), or convert with --vocab-multiple")
     if m.ffn_hidden_size % p.tp:
         problems.append(f"model.ffn_hidden_size={m.ffn_hidden_size} not divisible by parallel.tp={p.tp}")
     stages = p.pp * (p.vpp or 1)

@@ -28,7 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megaprolong.data.packing import Sample, balance_micro_batches
-from megaprolong.model.chunked_loss import chunked_lm_loss
+from megaprolong.model.chunked_loss import lm_head_loss
 from megaprolong.model.context_parallel import concat_packed, packed_seq_params, split_for_context_parallel
 from megaprolong.model.llama import build_model, transformer_config
 from megaprolong.runtime.device import device, init_distributed, local_rank_zero_first
@@ -99,6 +99,10 @@ class Trainer:
         self.scheduler = self._build_scheduler()
         self.step = 0
         self.num_domains = 1  # set from the dataset's mix by run()
+        m = cfg.model
+        # megatron's own LM head + loss unless the loss is chunked or the vocabulary padded
+        self._output_processor = lm_head_loss(cfg.train.loss_chunk_tokens, m.vocab_size, m.padded_vocab_size) \
+            if cfg.train.loss_chunk_tokens or m.padded_vocab_size != m.vocab_size else None
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _transformer_config(self):
@@ -213,10 +217,8 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        chunk = self.cfg.train.loss_chunk_tokens
         output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"],
-                       packed_seq_params=batch["packed_seq_params"],
-                       output_processor=chunked_lm_loss(chunk) if chunk else None)
+                       packed_seq_params=batch["packed_seq_params"], output_processor=self._output_processor)
         return output, partial(token_loss, batch["loss_mask"], batch["domains"], self.num_domains)
 
     def forward_backward(self, global_batch: list[Sample]) -> list[dict]:

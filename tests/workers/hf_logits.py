@@ -1,6 +1,7 @@
 """Logits of a converted checkpoint under a parallel layout vs transformers (run under torchrun).
 
-Usage: hf_logits.py HF_DIR MCORE_DIR [key=value ...]. Prints HF_LOGITS_OK when they agree within 1e-4.
+Usage: hf_logits.py HF_DIR MCORE_DIR [key=value ...]. Prints HF_LOGITS_OK when the logits agree within
+1e-4 and the per-token training loss equals transformers' cross-entropy (a padded vocabulary included).
 """
 
 import sys
@@ -27,12 +28,17 @@ def main(hf_dir, mcore_dir, overrides):
                                                           *overrides])
     trainer = Trainer(cfg)
     checkpoint.load(trainer, resolve_checkpoint(mcore_dir), resume=False)
-    ids = torch.randint(0, m.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, m.vocab_size, (1, 33), generator=torch.Generator().manual_seed(1))
+    labels, ids = ids[:, 1:], ids[:, :-1]
     out = {}
 
     def step(data_iterator, model):
         tokens = next(data_iterator).to(device())
-        logits = model(tokens, torch.arange(tokens.shape[1], device=device())[None], attention_mask=None)
+        positions = torch.arange(tokens.shape[1], device=device())[None]
+        logits = model(tokens, positions, attention_mask=None)
+        if ps.is_pipeline_last_stage():  # the training path: labels in, per-token loss out
+            out["loss"] = model(tokens, positions, attention_mask=None, labels=labels.to(device()),
+                                output_processor=trainer._output_processor).detach().float().cpu()[0]
         return logits, lambda x: (x.sum() * 0, {"logits": x.detach()})
 
     results = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([ids]), model=trainer.model,
@@ -47,8 +53,10 @@ def main(hf_dir, mcore_dir, overrides):
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
         with torch.no_grad():
             ref = hf(input_ids=ids, use_cache=False).logits[0]
-        diff = (logits - ref).abs().max().item()
+        diff = (logits[:, :m.vocab_size] - ref).abs().max().item()
         assert diff < 1e-4, diff
+        ce = torch.nn.functional.cross_entropy(ref, labels[0], reduction="none")
+        torch.testing.assert_close(out["loss"], ce, rtol=1e-5, atol=1e-5)
         out["ok"] = True
     flag = torch.tensor([1.0 if out.get("ok") else 0.0], device=device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
