@@ -33,17 +33,21 @@ def main() -> None:
     largest = max(p.numel() for p in LlamaForCausalLM(cfg).parameters()) * 4 / 2**30
     repo = Path(__file__).resolve().parent.parent
     rows = []
-    t, m = run_measured([sys.executable, "-m", "tools.convert", "hf-to-mcore", "--hf", str(work / "hf"),
-                         "--out", str(work / "mcore")], repo)
-    rows.append(("hf-to-mcore", t, m / 2**30))
-    t, m = run_measured([sys.executable, "-m", "tools.convert", "mcore-to-hf", "--ckpt", str(work / "mcore"),
-                         "--out", str(work / "back")], repo)
-    rows.append(("mcore-to-hf", t, m / 2**30))
+    jobs = {"hf-to-mcore": ["hf-to-mcore", "--hf", str(work / "hf"), "--out", str(work / "mcore")],
+            "mcore-to-hf": ["mcore-to-hf", "--ckpt", str(work / "mcore"), "--out", str(work / "back")]}
+    for name, args in jobs.items():
+        # twice: peak RSS (with the page cache of memory-mapped shards) and peak anonymous memory
+        t, rss = run_measured([sys.executable, "-m", "tools.convert", *args, "--force"], repo)
+        _, anon = run_measured([sys.executable, "-m", "tools.convert", *args, "--force"], repo, anonymous=True)
+        rows.append((name, t, rss / 2**30, anon / 2**30))
+    _, base = run_measured([sys.executable, "-c", "import megaprolong.convert.jobs, megatron.core, transformers"],
+                           repo, anonymous=True)
     print(f"\nmodel: {params / 1e9:.2f}B parameters ({params * 4 / 2**30:.1f} GiB in fp32, "
           f"largest tensor {largest:.2f} GiB in fp32)")
-    print(f"{'direction':<14} {'wall s':>8} {'peak RSS GiB':>13}")
-    for name, t, m in rows:
-        print(f"{name:<14} {t:>8.1f} {m:>13.2f}")
+    print(f"model in bf16: {params * 2 / 2**30:.2f} GiB; the imports alone: {base / 2**30:.2f} GiB anonymous")
+    print(f"{'direction':<14} {'wall s':>8} {'peak RSS GiB':>13} {'peak anon GiB':>14}")
+    for name, t, rss, anon in rows:
+        print(f"{name:<14} {t:>8.1f} {rss:>13.2f} {anon:>14.2f}")
 
 
 if __name__ == "__main__":
