@@ -27,3 +27,12 @@ def test_layout_that_cannot_fit_is_reported():
     assert out.returncode == 0
     assert "recipe layout: TP1 PP1 CP1 DP16" in out.stdout and "DOES NOT FIT" in out.stdout
     assert "suggested (fastest that fits" in out.stdout
+
+
+def test_chunked_loss_bounds_the_logits_estimate():
+    chunked = load_config(Config, REPO / "examples" / "prolong_512k.yaml")
+    whole = load_config(Config, REPO / "examples" / "prolong_512k.yaml", ["train.loss_chunk_tokens=0"])
+    a, _ = plan(chunked, nodes=8, gpus_per_node=8, gpu_mem_gib=80)
+    b, _ = plan(whole, nodes=8, gpus_per_node=8, gpu_mem_gib=80)
+    # TP8 x CP8 with sequence parallelism: 1,024 local positions gather to 8,192 of the 65,536 local tokens
+    assert b.memory_gib["logits"] == 8 * a.memory_gib["logits"]
