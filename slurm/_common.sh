@@ -1,26 +1,19 @@
-# Shared by the sbatch scripts: settings, rendezvous, NCCL settings, container, and a torchrun launch that
-# turns Slurm's preemption signal into checkpoint + requeue. Settings, all overridable from the environment
-# at submission (sbatch --export=ALL,VAR=value, or exported first):
-#   REPO           the megaprolong checkout (default: where sbatch was run)
+# Shared by the torchrun sbatch scripts (training, SFT): rendezvous, NCCL settings, and a torchrun launch
+# that turns Slurm's preemption signal into checkpoint + requeue. Settings, all overridable from the
+# environment at submission (sbatch --export=ALL,VAR=value, or exported first), besides slurm/_env.sh's
+# REPO, PYTHON, CONTAINER, CONTAINER_MOUNTS:
 #   GPUS_PER_NODE  processes per node (default 8)
-#   CONTAINER      optional container image (pyxis: srun --container-image), CONTAINER_MOUNTS its mounts
-#   PYTHON         python of the environment with megaprolong installed (default: python3)
 #   MASTER_PORT    rendezvous port on the first node (default 29500)
 #   EXTRA_ARGS     more key=value overrides for the recipe, e.g. "train.steps=10 parallel.cp=4"
 # Preemption / time limit: Slurm sends USR1 (--signal=B:USR1@N) to the batch shell; it is forwarded to the
 # worker processes, which checkpoint after the current step and exit; the job then requeues itself and the
 # next run resumes from that checkpoint.
-set -euo pipefail
-REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+source "$REPO/slurm/_env.sh"
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-CONTAINER=${CONTAINER:-}
-CONTAINER_MOUNTS=${CONTAINER_MOUNTS:-$REPO:$REPO}
-PYTHON=${PYTHON:-python3}
 MASTER_PORT=${MASTER_PORT:-29500}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 NODES=${SLURM_NNODES:-1}
 
-fail() { echo "error: $*" >&2; exit 2; }
 [ -f "${RECIPE:-}" ] || fail "recipe not found: RECIPE=${RECIPE:-}"
 
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -31,8 +24,6 @@ export TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=${TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC:-1800
 export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-container=()
-[ -n "$CONTAINER" ] && container=(--container-image="$CONTAINER" --container-mounts="$CONTAINER_MOUNTS")
 
 # run_torchrun MODULE ARGS...: one torchrun per node running `python -m MODULE ARGS...` on every GPU.
 run_torchrun() {

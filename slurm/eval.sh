@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Evaluate an HF checkpoint on one node: sbatch slurm/eval.sh
-# Settings (environment at submission; REPO, PYTHON, CONTAINER, CONTAINER_MOUNTS as in slurm/_common.sh):
+# Settings (environment at submission; REPO, PYTHON, CONTAINER, CONTAINER_MOUNTS as in slurm/_env.sh):
 #   MODEL      the HF model folder (megaprolong-sft or megaprolong-convert output)          (required)
 #   OUT_DIR    results folder (default runs/eval/<model folder name>)
 #   TASKS      comma-separated tasks (default: json_kv,niah_single,niah_multikey,niah_uuid,niah_multivalue,variable_tracking)
@@ -15,12 +15,8 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --time=12:00:00
 #SBATCH --output=logs/%x-%j.out
-set -euo pipefail
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
-PYTHON=${PYTHON:-python3}
-CONTAINER=${CONTAINER:-}
-CONTAINER_MOUNTS=${CONTAINER_MOUNTS:-$REPO:$REPO}
-fail() { echo "error: $*" >&2; exit 2; }
+source "$REPO/slurm/_env.sh"
 MODEL=${MODEL:-}
 [ -n "$MODEL" ] || fail "MODEL is not set (an HF model folder)"
 [ -f "$MODEL/config.json" ] || fail "HF model not found: MODEL=$MODEL (no config.json)"
@@ -34,8 +30,6 @@ if [ -n "$PPL_DATA" ]; then
   [ -f "$PPL_DATA.idx" ] || fail "indexed dataset not found: PPL_DATA=$PPL_DATA (.idx missing)"
   TASKS="$TASKS,ppl"
 fi
-container=()
-[ -n "$CONTAINER" ] && container=(--container-image="$CONTAINER" --container-mounts="$CONTAINER_MOUNTS")
 args=(--model "$MODEL" --tasks "$TASKS" --lengths "$LENGTHS" --out "$OUT_DIR" --backend "$BACKEND" --tp "$TP" --force)
 [ -n "$PPL_DATA" ] && args+=(--ppl-data "$PPL_DATA")
 echo "job ${SLURM_JOB_ID:-?}: evaluating $MODEL -> $OUT_DIR"

@@ -6,27 +6,21 @@
 #   TOKENIZER   HF tokenizer directory or tokenizer.json                           (required)
 #   OUTPUT      output prefix (PREFIX.bin / .idx / .json)                          (required)
 #   PREPROCESS_ARGS  more flags, e.g. "--min-tokens 65536 --group-by repo"
-#   REPO, PYTHON, CONTAINER, CONTAINER_MOUNTS as in slurm/_train_stage.sh
+#   REPO, PYTHON, CONTAINER, CONTAINER_MOUNTS as in slurm/_env.sh
 #SBATCH --job-name=megaprolong-preprocess
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=64
 #SBATCH --time=08:00:00
 #SBATCH --output=logs/%x-%j.out
-set -euo pipefail
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
-PYTHON=${PYTHON:-python3}
-CONTAINER=${CONTAINER:-}
-CONTAINER_MOUNTS=${CONTAINER_MOUNTS:-$REPO:$REPO}
-fail() { echo "error: $*" >&2; exit 2; }
+source "$REPO/slurm/_env.sh"
 [ -n "${INPUTS:-}" ] || fail "INPUTS is not set (the input files)"
 [ -n "${OUTPUT:-}" ] || fail "OUTPUT is not set (the output prefix)"
 [ -e "${TOKENIZER:-/nonexistent}" ] || fail "tokenizer not found: TOKENIZER=${TOKENIZER:-}"
 # shellcheck disable=SC2206
 inputs=($INPUTS)
 for f in "${inputs[@]}"; do [ -e "$f" ] || fail "input not found: $f"; done
-container=()
-[ -n "$CONTAINER" ] && container=(--container-image="$CONTAINER" --container-mounts="$CONTAINER_MOUNTS")
 cd "$REPO"
 # shellcheck disable=SC2086
 srun --mpi=pmix "${container[@]}" "$PYTHON" -m tools.preprocess_data --input "${inputs[@]}" \

@@ -1,6 +1,6 @@
 import numpy as np
 
-from megaprolong.model.llama import ModelConfig
+from megaprolong.model.config import ModelConfig
 from megaprolong.training.flops import forward_flops
 
 

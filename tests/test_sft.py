@@ -180,7 +180,7 @@ def _config(chat_model, out, **data):
 
     return SFTConfig(model=str(chat_model), output_dir=str(out), data=SFTDataConfig(**data),
                      train=SFTTrainConfig(seq_length=128, global_batch_tokens=512, steps=3, precision="fp32",
-                                          gradient_checkpointing=False, lr=1e-3))
+                                          gradient_checkpointing=False))
 
 
 def test_mds_import_equals_the_jsonl_path(tmp_path, chats, chat_model, tokenizer):

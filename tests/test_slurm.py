@@ -37,9 +37,21 @@ def submit(cluster, tmp_path, steps, name):
     return job, log
 
 
-def metrics(tmp_path):
-    path = tmp_path / "metrics.jsonl"
+def metrics(folder):
+    path = folder / "metrics.jsonl"
     return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def preempt_after(cluster, job, log, rows, n):
+    """Once ``rows()`` has ``n`` entries, send the job the preemption signal; then it must complete."""
+    deadline = time.time() + 240
+    while len(rows()) < n:
+        assert time.time() < deadline and cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
+            log.read_text(errors="replace")[-3000:] if log.exists() else "no log"
+        time.sleep(0.2)
+    cluster.signal_batch(job)
+    assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
+    return log.read_text(errors="replace")
 
 
 def test_job_trains_and_checkpoints(cluster, tmp_path):
@@ -54,14 +66,7 @@ def test_job_trains_and_checkpoints(cluster, tmp_path):
 def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
     steps = 60
     job, log = submit(cluster, tmp_path, steps, "tiny-preempt")
-    deadline = time.time() + 240
-    while len(metrics(tmp_path)) < 2:
-        assert time.time() < deadline and cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
-            log.read_text(errors="replace")[-3000:] if log.exists() else "no log"
-        time.sleep(0.2)
-    cluster.signal_batch(job)
-    assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
-    text = log.read_text(errors="replace")
+    text = preempt_after(cluster, job, log, lambda: metrics(tmp_path), 2)
     assert "USR1: asking the training processes to checkpoint" in text
     assert "requeueing job" in text and "restart 1" in text and "resumed from" in text
     rows = metrics(tmp_path)
@@ -82,18 +87,10 @@ def test_sft_job_preempts_requeues_resumes_then_eval_job_scores_the_model(cluste
     log = tmp_path / "sft.log"
     job = cluster.sbatch(str(REPO / "slurm" / "sft.sh"), "--job-name=tiny-sft", "--nodes=1", "--gpus-per-node=0",
                          "--cpus-per-task=2", f"--output={log}", f"--chdir={REPO}", env=env)
-    metrics_file = out / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 3:
-        assert time.time() < deadline and cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
-            log.read_text(errors="replace")[-3000:] if log.exists() else "no log"
-        time.sleep(0.2)
-    cluster.signal_batch(job)
-    assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
-    text = log.read_text(errors="replace")
+    text = preempt_after(cluster, job, log, lambda: metrics(out), 3)
     assert "USR1: asking the training processes" in text and "requeueing job" in text
     assert "resuming from" in text and "fine-tuned model ->" in text
-    rows = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()]
+    rows = [r["step"] for r in metrics(out)]
     assert sorted(set(rows)) == list(range(1, steps + 1))
     assert (out / "model" / "model.safetensors").exists()
 

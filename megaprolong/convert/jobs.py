@@ -16,7 +16,7 @@ import torch
 
 from megaprolong.convert.llama_hf import (ConversionError, HFCheckpoint, hf_config, hf_to_megatron,
                                           megatron_to_hf, model_config_from_hf)
-from megaprolong.model.llama import ModelConfig
+from megaprolong.model.config import ModelConfig
 
 SHARD_BYTES = 2 << 30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

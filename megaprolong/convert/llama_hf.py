@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from megaprolong.model.llama import ModelConfig
+from megaprolong.model.config import ModelConfig
 
 
 class ConversionError(ValueError):

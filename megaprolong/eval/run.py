@@ -111,38 +111,41 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _plots(results: dict, out: Path) -> list[Path]:
+def _line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str,
+               ylim: tuple | None = None) -> Path:
+    """One PNG of labelled lines over a log2 x axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=ylim)
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plots(results: dict, out: Path) -> list[Path]:
+    """scores.png (score vs length per task) and ppl.png (loss vs position per length)."""
     written = []
     if results["scores"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        series = {}
         for task, by_len in results["scores"].items():
             xs = sorted(int(n) for n in by_len)
-            ax.plot(xs, [by_len[str(n)] for n in xs], marker="o", label=task)
-        ax.set(xscale="log", xlabel="context length (tokens)", ylabel="score", ylim=(-5, 105),
-               title="score vs length")
-        ax.set_xscale("log", base=2)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "scores.png", dpi=100)
-        written.append(out / "scores.png")
-        plt.close(fig)
+            series[task] = (xs, [by_len[str(n)] for n in xs])
+        written.append(_line_plot(out / "scores.png", series, "context length (tokens)", "score",
+                                  "score vs length", ylim=(-5, 105)))
     if results["ppl"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for length, r in sorted(results["ppl"].items(), key=lambda x: int(x[0])):
-            ax.plot([(b["start"] + b["end"]) / 2 for b in r["buckets"]], [b["loss"] for b in r["buckets"]],
-                    marker="o", label=f"{int(length):,} tokens")
-        ax.set(xlabel="token position", ylabel="loss (nats)", title="loss vs position")
-        ax.set_xscale("log", base=2)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "ppl.png", dpi=100)
-        written.append(out / "ppl.png")
-        plt.close(fig)
+        series = {f"{int(n):,} tokens": ([(b["start"] + b["end"]) / 2 for b in r["buckets"]],
+                                         [b["loss"] for b in r["buckets"]])
+                  for n, r in sorted(results["ppl"].items(), key=lambda x: int(x[0]))}
+        written.append(_line_plot(out / "ppl.png", series, "token position", "loss (nats)", "loss vs position"))
     return written
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megaprolong.config import ConfigError
+from megaprolong.training.config import OptimizerConfig
 
 
 @dataclass
@@ -25,14 +26,6 @@ class SFTTrainConfig:
     micro_batch_size: int = 1  # packed sequences per GPU per forward
     steps: int | None = None  # optimizer steps; None: one pass over the data
     seed: int = 42
-    lr: float = 2e-5
-    min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr (2e-6)
-    warmup_fraction: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_grad: float = 1.0
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 mixed precision on GPU, fp32 on CPU
     gradient_checkpointing: bool = True
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"  # auto: flash-attn if installed
@@ -54,6 +47,8 @@ class SFTConfig:
     output_dir: str | None = None  # the fine-tuned HF model goes here
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    # the training recipes' optimizer section, with ProLong's SFT numbers: LR 2e-5 cosine to 2e-6, 5% warmup
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-5, warmup_fraction=0.05))
     logging: SFTLoggingConfig = field(default_factory=SFTLoggingConfig)
 
 
@@ -77,8 +72,8 @@ def gradient_accumulation(cfg: SFTConfig, world_size: int) -> int:
     if sequences % (t.micro_batch_size * world_size):
         problems.append(f"train.global_batch_tokens/train.seq_length = {sequences} sequences per step is not "
                         f"divisible by train.micro_batch_size*world size = {t.micro_batch_size}*{world_size}")
-    if not 0 <= t.warmup_fraction < 1:
-        problems.append(f"train.warmup_fraction={t.warmup_fraction} must be in [0, 1)")
+    if not 0 <= cfg.optimizer.warmup_fraction < 1:
+        problems.append(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction} must be in [0, 1)")
     if cfg.data.prepare not in (None, "tiny"):
         problems.append(f"data.prepare={cfg.data.prepare!r}: only 'tiny' is known")
     if problems:

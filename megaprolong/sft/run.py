@@ -76,7 +76,7 @@ def training_arguments(cfg: SFTConfig, world_size: int, cuda: bool) -> Any:
     """TRL's SFTConfig for the recipe: padding-free batches of our pre-packed rows."""
     import trl
 
-    t = cfg.train
+    t, o = cfg.train, cfg.optimizer
     bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
     fsdp = cuda and t.fsdp and world_size > 1
     return trl.SFTConfig(
@@ -85,14 +85,14 @@ def training_arguments(cfg: SFTConfig, world_size: int, cuda: bool) -> Any:
         gradient_accumulation_steps=gradient_accumulation(cfg, world_size),
         max_steps=t.steps if t.steps else -1,
         num_train_epochs=1,
-        learning_rate=t.lr,
+        learning_rate=o.lr,
         lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
-        warmup_steps=t.warmup_fraction,  # a float in [0, 1): a fraction of the total steps
-        adam_beta1=t.beta1, adam_beta2=t.beta2, adam_epsilon=t.eps,
+        lr_scheduler_kwargs={"min_lr_rate": o.min_lr_ratio},
+        warmup_steps=o.warmup_fraction,  # a float in [0, 1): a fraction of the total steps
+        adam_beta1=o.beta1, adam_beta2=o.beta2, adam_epsilon=o.eps,
         optim="adamw_torch",
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.clip_grad,
+        weight_decay=o.weight_decay,
+        max_grad_norm=o.clip_grad,
         seed=t.seed, data_seed=t.seed,
         bf16=bf16,
         use_cpu=not cuda,

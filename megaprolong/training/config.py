@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megaprolong.config import ConfigError
-from megaprolong.model.llama import ModelConfig
+from megaprolong.model.config import ModelConfig
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from megaprolong.model.llama import ModelConfig
+from megaprolong.model.config import ModelConfig
 
 
 def forward_flops(model: ModelConfig, doc_lengths: np.ndarray) -> float:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megaprolong.config import ConfigError
-from megaprolong.model.llama import ModelConfig
+from megaprolong.model.config import ModelConfig
 from megaprolong.training.config import Config, validate
 from megaprolong.training.flops import forward_flops
 
