@@ -75,7 +75,7 @@ def wait_for(predicate, proc, timeout=120):
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
     d = tmp_path_factory.mktemp("straight")
-    torchrun("megaprolong.train", 2, *train_args(data, d / "ckpt", d / "m.jsonl"))
+    torchrun("megaprolong.train", 2, *train_args(data, d / "ckpt", d / "m.jsonl", "checkpoint.interval=3"))
     return d, losses(d / "m.jsonl")
 
 
@@ -108,6 +108,18 @@ def test_preemption_signal_checkpoints_exits_and_resumes(data, tmp_path, uninter
     out = torchrun("megaprolong.train", 2, *args)
     assert "resumed from" in out
     torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.multirank
+def test_resume_under_another_layout_carries_the_optimizer_state(data, tmp_path, uninterrupted):
+    """A TP=2 checkpoint (optimizer state fully reshardable) resumed with TP=1 x DP=2 (distributed optimizer
+    sharded over 2 ranks) continues exactly like the uninterrupted TP=2 run."""
+    d, want = uninterrupted
+    args = train_args(data, tmp_path / "ckpt", tmp_path / "m.jsonl", "parallel.tp=1",
+                      "parallel.sequence_parallel=false", f"checkpoint.resume={d / 'ckpt' / 'step_00000003'}")
+    out = torchrun("megaprolong.train", 2, *args)
+    assert "weights + optimizer state" in out
+    torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want[3:], rtol=1e-5, atol=0)
 
 
 @pytest.mark.multirank

@@ -5,8 +5,10 @@ Layout: ``DIR/step_00001234/`` holds the sharded model and optimizer state plus 
 ``step_N.tmp`` and renamed only after every rank finished and the metadata is in place, so an interrupted
 save is never picked by ``--resume auto``.
 
-Weights are saved reshardable (they load under any TP/PP/CP/DP layout); optimizer state is saved
-DP-reshardable (it loads under another DP/CP size with the same TP/PP).
+Weights are saved reshardable (they load under any TP/PP/CP/DP layout). Optimizer state is saved
+``fully_reshardable`` by default (it loads under any layout, e.g. a 64K stage's into the 512K stage's), or
+``dp_reshardable`` (``checkpoint.optimizer_format``: faster to save, loads only under the same TP/PP/VPP;
+elsewhere the optimizer state starts fresh, which the log says).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from megaprolong.model.state import unwrap_model
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _META = "megaprolong.json"
-_OPTIM_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -39,18 +40,20 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def _sharded_state(trainer, is_loading: bool, with_optimizer: bool) -> dict:
+def _sharded_state(trainer, is_loading: bool, optimizer_format: str | None) -> dict:
+    """The model's (and, given its format, the optimizer's) sharded state dict."""
     model = {}
     for i, chunk in enumerate(trainer.model):  # GPTModel names, whatever wraps it (DDP, Float16Module)
         model[f"model{i}" if len(trainer.model) > 1 else "model"] = unwrap_model(chunk).sharded_state_dict()
     state = dict(model)
-    if with_optimizer:
+    if optimizer_format:
         if is_loading:
             _materialize_optimizer_state(trainer.optimizer)
         flat = {}
         for v in model.values():
             flat.update(v)
-        state["optimizer"] = trainer.optimizer.sharded_state_dict(flat, is_loading=is_loading, metadata=_OPTIM_META)
+        state["optimizer"] = trainer.optimizer.sharded_state_dict(
+            flat, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
     return state
 
 
@@ -67,6 +70,25 @@ def _materialize_optimizer_state(optimizer) -> None:
         opt._init_optimizer_states_with_dummy_values()
         for g, lr in zip(inner.param_groups, rates):
             g["lr"] = lr
+
+
+def _accept_missing_adam_step(optimizer) -> None:
+    """megatron-core 0.19's fully-reshardable load copies every tensor of the live Adam state from the
+    checkpoint, which never holds torch AdamW's per-parameter ``step`` (KeyError 'step'): let the live
+    value stand (``_restore_adam_step`` then sets it from the loaded param groups)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        original = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if original is None:
+            continue
+
+        def set_states(model_param, tensors, opt=opt, original=original):
+            group, order = opt.model_param_group_index_map[model_param]
+            step = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]].get("step")
+            if torch.is_tensor(step) and "step" not in tensors:
+                tensors = {**tensors, "step": step}
+            return original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
 
 
 def _restore_adam_step(optimizer) -> None:
@@ -97,11 +119,12 @@ def save(trainer, root: str | Path, keep: int | None = None, queue=None) -> Path
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    state = _sharded_state(trainer, is_loading=False, with_optimizer=True)
+    fmt = trainer.cfg.checkpoint.optimizer_format
+    state = _sharded_state(trainer, is_loading=False, optimizer_format=fmt)
     torch.save(_rng_state(), tmp / f"rng_rank{dist.get_rank():05d}.pt")
     meta = {"step": trainer.step, "scheduler": trainer.scheduler.state_dict(),
             "rope_base": trainer.cfg.model.rope_base, "world_size": dist.get_world_size(),
-            "layout": _layout(trainer), "config": asdict(trainer.cfg)}
+            "layout": _layout(trainer), "optimizer_format": fmt, "config": asdict(trainer.cfg)}
 
     def publish():
         dist.barrier()  # every rank's shards are written
@@ -142,25 +165,29 @@ def load(trainer, path: str | Path, resume: bool) -> dict:
 
             raise ConfigError(f"{path}: the checkpoint has model.{key}={saved[key]}, the recipe "
                               f"{getattr(trainer.cfg.model, key)}: set model.{key}={saved[key]}")
-    # Optimizer shards are saved DP-reshardable (megatron's fully-reshardable format does not load with
-    # torch's AdamW in 0.19); under another TP/PP/VPP layout only the (reshardable) weights are loaded.
-    same_layout = meta.get("layout") == _layout(trainer) and not meta.get("weights_only")
-    state = dist_checkpointing.load(_sharded_state(trainer, is_loading=True, with_optimizer=same_layout), str(path))
+    fmt = meta.get("optimizer_format", "dp_reshardable")
+    reshardable = fmt == "fully_reshardable" or meta.get("layout") == _layout(trainer)
+    with_optimizer = not meta.get("weights_only") and reshardable
+    state = dist_checkpointing.load(
+        _sharded_state(trainer, is_loading=True, optimizer_format=fmt if with_optimizer else None), str(path))
     for i, chunk in enumerate(trainer.model):
         unwrap_model(chunk).load_state_dict(state[f"model{i}" if len(trainer.model) > 1 else "model"])
-    if same_layout:
+    if with_optimizer:
+        _accept_missing_adam_step(trainer.optimizer)
         with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
             trainer.optimizer.load_state_dict(state["optimizer"])
         _restore_adam_step(trainer.optimizer)
     else:
         trainer.optimizer.reload_model_params()  # fp32 master copies from the loaded weights
-    meta["optimizer_loaded"] = same_layout
+    meta["optimizer_loaded"] = with_optimizer
     if resume and not meta.get("weights_only"):
         trainer.step = meta["step"]
         trainer.scheduler.load_state_dict(meta["scheduler"])
         rng_file = path / f"rng_rank{dist.get_rank():05d}.pt"
         if rng_file.exists() and meta.get("world_size") == dist.get_world_size():
             _set_rng_state(torch.load(rng_file, weights_only=False))
+    # The loaded param groups carry the checkpoint's LR: the schedule's (restarted or resumed) value wins.
+    trainer.scheduler.step(increment=0)
     return meta
 
 

@@ -67,6 +67,9 @@ class CheckpointConfig:
     load: str | None = None  # start this stage from a checkpoint (or the newest in a dir): weights + optimizer, fresh schedule
     keep: int | None = None  # keep only the newest N checkpoints
     async_save: bool = False  # write checkpoints in a background process while training continues
+    # optimizer state: fully_reshardable loads under any TP/PP/CP/DP layout; dp_reshardable saves faster but
+    # loads only under the same TP/PP (else the optimizer state starts fresh)
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
 
 
 @dataclass

@@ -294,8 +294,9 @@ def _optimizer_note(meta: dict) -> str:
         return ", weights + optimizer state"
     if meta.get("weights_only"):
         return f", weights only (converted from {meta.get('source', 'another format')})"
-    return (f", weights only: the checkpoint's layout {meta.get('layout')} differs in TP/PP, so the optimizer "
-            f"state (saved DP-reshardable) starts fresh")
+    return (f", weights only: the checkpoint's layout {meta.get('layout')} differs in TP/PP and its optimizer "
+            f"state was saved dp_reshardable, so it starts fresh (checkpoint.optimizer_format=fully_reshardable "
+            f"carries it across layouts)")
 
 
 def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
