@@ -72,6 +72,26 @@ def _materialize_optimizer_state(optimizer) -> None:
             g["lr"] = lr
 
 
+def _adopt_group_settings(optimizer, loaded: dict) -> None:
+    """A stage start keeps the Adam moments but takes the new recipe's per-group settings (LR bounds, weight
+    decay multipliers): megatron-core matches saved groups to live ones by those settings, so the saved
+    groups are given the live groups' settings, in order (the grouping itself does not depend on them)."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    saved, live = loaded["optimizer"]["param_groups"], chained[0].optimizer.param_groups
+    if len(chained) != 1 or len(saved) != len(live):
+        from megaprolong.config import ConfigError
+
+        raise ConfigError(f"the checkpoint's optimizer has {len(saved)} parameter groups, this run {len(live)}")
+    for old, new in zip(saved, live):
+        for key in param_group_identifier_keys:
+            if key in new:
+                old[key] = new[key]
+            else:
+                old.pop(key, None)
+
+
 def _accept_missing_adam_step(optimizer) -> None:
     """megatron-core 0.19's fully-reshardable load copies every tensor of the live Adam state from the
     checkpoint, which never holds torch AdamW's per-parameter ``step`` (KeyError 'step'): let the live
@@ -173,6 +193,8 @@ def load(trainer, path: str | Path, resume: bool) -> dict:
     for i, chunk in enumerate(trainer.model):
         unwrap_model(chunk).load_state_dict(state[f"model{i}" if len(trainer.model) > 1 else "model"])
     if with_optimizer:
+        if not resume:
+            _adopt_group_settings(trainer.optimizer, state["optimizer"])
         _accept_missing_adam_step(trainer.optimizer)
         with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
             trainer.optimizer.load_state_dict(state["optimizer"])

@@ -1,8 +1,9 @@
 """Start a new stage from a checkpoint saved under another layout (run under torchrun, 1 rank).
 
 Usage: stage_start.py CKPT_DIR DATA_MIX DATA_ROOT
-Checks: the weights equal the checkpoint's (TP2 -> TP1 resharding), the model uses the config's new RoPE
-base (not the checkpoint's), and the LR schedule restarts at step 0. Prints STAGE_START_OK.
+Checks: the weights equal the checkpoint's (TP2 -> TP1 resharding), the Adam state is loaded, the model uses
+the config's new RoPE base (not the checkpoint's), the LR schedule restarts at step 0 with the new stage's peak
+LR. Prints STAGE_START_OK.
 """
 
 import json
@@ -23,11 +24,14 @@ REPO = Path(__file__).resolve().parents[2]
 def main(ckpt: str, mix: str, root: str):
     cfg = load_config(Config, REPO / "examples" / "tiny_stage1.yaml", [
         "parallel.tp=1", "parallel.sequence_parallel=false", "model.rope_base=128000000.0", "train.steps=10",
+        "optimizer.lr=5e-4",
         f"checkpoint.load={ckpt}", "checkpoint.resume=none", f"data.mix={mix}", f"data.root={root}"])
     trainer = Trainer(cfg)
     logs = []
     _start(trainer, logs.append)
     assert trainer.step == 0 and trainer.optimizer.param_groups[0]["lr"] == 0.0, "schedule must restart (warmup)"
+    assert all(g["max_lr"] == 5e-4 for g in trainer.optimizer.param_groups), "the new stage's peak LR"
+    assert "weights + optimizer state" in logs[0], logs
     assert "LR schedule restarts" in logs[0] and "RoPE base 1.28e+08 (checkpoint had 8e+06)" in logs[0], logs
     model = unwrap_model(trainer.model[0])
     inv_freq = model.rotary_pos_emb.inv_freq.double()
