@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from megaprolong.data.mds import is_mds, read_mds, split_documents
+from megaprolong.data.mds import read_mds, split_documents
 from megaprolong.data.readers import DataError, read_records
 from megaprolong.sft.chat import IGNORE, ConversationError, check_messages, tokenize_conversation
 from megaprolong.sft.config import SFTConfig

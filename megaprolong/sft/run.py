@@ -128,6 +128,7 @@ def _final_save(trainer: Any, tokenizer: Any, out: Path) -> Path:
     trainer.save_model(str(tmp))  # collective under FSDP: every rank calls it
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(str(tmp))
+        # the trainer's token alignment turned it into a list: generation stops on <|eot_id|>, one id
         trainer.model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
         trainer.model.generation_config.save_pretrained(str(tmp))
         shutil.rmtree(out, ignore_errors=True)
