@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--out", required=True, help="output HF directory (must not exist unless --force)")
     b.add_argument("--tokenizer", help="HF tokenizer directory whose files are copied into OUT")
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="saved dtype")
+    b.add_argument("--max-shard-gb", type=float, default=1.0,
+                   help="size of each safetensors file, GiB: also the most of the output held in memory at once")
     b.add_argument("--force", action="store_true", help="replace OUT if it exists")
     return p.parse_args(argv)
 
@@ -50,7 +52,8 @@ def main(argv=None) -> int:
                     print("megaprolong-convert: verification failed", file=sys.stderr)
                     return 1
         else:
-            out = jobs.mcore_to_hf(args.ckpt, args.out, args.tokenizer, args.dtype, args.force)
+            out = jobs.mcore_to_hf(args.ckpt, args.out, args.tokenizer, args.dtype, args.force,
+                                   int(args.max_shard_gb * 2**30))
             print(f"wrote {out}")
     except (ConversionError, FileNotFoundError) as e:
         print(f"megaprolong-convert: error: {e}", file=sys.stderr)

@@ -14,17 +14,18 @@ from pathlib import Path
 
 import torch
 
-from megaprolong.convert.llama_hf import (ConversionError, HFCheckpoint, hf_config, hf_to_megatron,
-                                          megatron_to_hf, model_config_from_hf)
+from megaprolong.convert.llama_hf import (ConversionError, HFCheckpoint, conversion_rules, hf_config,
+                                          model_config_from_hf)
 from megaprolong.model.config import ModelConfig
 
-SHARD_BYTES = 2 << 30
+SHARD_BYTES = 1 << 30  # HF shard size: also the most that mcore-to-hf holds of the output
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja")
 
 
-def _single_rank_model(m: ModelConfig, dtype: torch.dtype = torch.float32):
-    """A 1-rank megatron-core Llama in ``dtype``, process groups started if needed."""
+def _single_rank_model(m: ModelConfig, dtype: torch.dtype = torch.float32, meta: bool = False):
+    """A 1-rank megatron-core Llama in ``dtype``, process groups started if needed. ``meta``: on the meta
+    device (no memory; its sharded state dict describes the checkpoint's tensors)."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -35,6 +36,10 @@ def _single_rank_model(m: ModelConfig, dtype: torch.dtype = torch.float32):
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(0)
+    if meta:
+        with torch.device("meta"):
+            return build_model(m, transformer_config(m, params_dtype=dtype, pipeline_dtype=dtype,
+                                                     use_cpu_initialization=True, perform_initialization=False))
     model = build_model(m, transformer_config(m, params_dtype=dtype, pipeline_dtype=dtype))
     return model.to(device()).eval()
 
@@ -59,7 +64,7 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, rope_base: floa
     """HF Llama -> ``OUT/step_00000000`` (weights only), loadable as a stage start (checkpoint.load=OUT).
     The vocabulary is padded to a multiple of ``vocab_multiple`` (default: 128 when ``tp`` does not divide
     it, as Megatron-LM pads, else no padding)."""
-    from megatron.core import dist_checkpointing
+    from megaprolong.convert.streaming import save_produced
 
     hf = HFCheckpoint(hf_dir)
     m = model_config_from_hf(hf.config)
@@ -71,24 +76,13 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, rope_base: floa
     try:
         # the checkpoint's own dtype: exact, and a bf16 8B model is 16 GB, not 32
         dtype = getattr(torch, hf.config.get("torch_dtype") or hf.config.get("dtype") or "float32")
-        model = _single_rank_model(m, dtype)
-        params = dict(model.named_parameters())
-        seen = set()
-        with torch.no_grad():
-            for name, tensor in hf_to_megatron(hf.get, m):
-                if name not in params:
-                    raise ConversionError(f"no megatron parameter {name}")
-                if tuple(tensor.shape) != tuple(params[name].shape):
-                    raise ConversionError(f"shape mismatch for {name}: HF gives {tuple(tensor.shape)}, "
-                                          f"the config implies {tuple(params[name].shape)}")
-                params[name].copy_(tensor)
-                seen.add(name)
-        missing = sorted(set(params) - seen)
-        if missing:
-            raise ConversionError(f"megatron parameters not filled from the HF checkpoint: {missing[:5]}")
+        model = _single_rank_model(m, dtype, meta=True)
+        rules = {r.megatron: r for r in conversion_rules(m)}
+        _check_shapes(model, rules, hf.meta)
         step_dir = tmp / "step_00000000"
         step_dir.mkdir()
-        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(step_dir))
+        # each megatron tensor is made from its HF tensors (memory-mapped) when it is written, then freed
+        save_produced(model, lambda name: rules[name].to_megatron(*map(hf.get, rules[name].hf)), step_dir)
         meta = {"step": 0, "weights_only": True, "rope_base": m.rope_base, "source": str(hf_dir),
                 "config": {"model": asdict(m)}, "layout": None}
         (step_dir / "megaprolong.json").write_text(json.dumps(meta, indent=2))
@@ -96,6 +90,22 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, rope_base: floa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_path / "step_00000000"
+
+
+def _check_shapes(model: torch.nn.Module, rules: dict, hf_meta) -> None:
+    """Every megatron parameter has a rule, and the HF tensors' shapes (headers only) give its shape."""
+    params = dict(model.named_parameters())
+    if set(params) != set(rules):
+        raise ConversionError(f"megatron parameters without a conversion rule: {sorted(set(params) - set(rules))[:5]}"
+                              f"; rules without a parameter: {sorted(set(rules) - set(params))[:5]}")
+    for name, rule in rules.items():
+        try:
+            shape = tuple(rule.to_megatron(*map(hf_meta, rule.hf)).shape)
+        except RuntimeError as e:  # e.g. q/k/v that cannot be grouped by the config's heads
+            raise ConversionError(f"shape mismatch for {name}: HF tensors {rule.hf} do not fit the config: {e}")
+        if shape != tuple(params[name].shape):
+            raise ConversionError(f"shape mismatch for {name}: HF gives {shape}, "
+                                  f"the config implies {tuple(params[name].shape)}")
 
 
 def _check_layout(m: ModelConfig, tp: int, pp: int) -> None:
@@ -125,10 +135,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def mcore_to_hf(ckpt: str, out: str, tokenizer: str | None = None, dtype: str = "bfloat16",
-                force: bool = False) -> Path:
+                force: bool = False, max_shard_bytes: int = SHARD_BYTES) -> Path:
     """A megaprolong checkpoint (any layout) -> HF safetensors + config (+ tokenizer) in ``out``."""
-    from megatron.core import dist_checkpointing
-    from safetensors.torch import save_file
+    from megaprolong.convert.streaming import TensorReader
 
     step = resolve_checkpoint(ckpt)
     meta = json.loads((step / "megaprolong.json").read_text())
@@ -137,27 +146,14 @@ def mcore_to_hf(ckpt: str, out: str, tokenizer: str | None = None, dtype: str = 
     max_len = meta["config"].get("train", {}).get("seq_length", m.max_position_embeddings)
     out_path, tmp = _prepare_out(out, force)
     try:
-        model = _single_rank_model(m, getattr(torch, dtype))  # loading casts the saved shards to it
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step))["model"]
-        model.load_state_dict(state, strict=False)
-        params = dict(model.named_parameters())
-        torch_dtype = getattr(torch, dtype)
-        shards, current, size, index = [], {}, 0, {}
-        for name, tensor in megatron_to_hf(lambda n: params[n].detach(), m):
-            t = tensor.to(torch_dtype).contiguous().cpu()
-            if current and size + t.numel() * t.element_size() > SHARD_BYTES:
-                shards.append(current)
-                current, size = {}, 0
-            current[name] = t
-            size += t.numel() * t.element_size()
-        shards.append(current)
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            index.update({name: fname for name in shard})
-        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
-        (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2))
+        # read a layer at a time; loading casts the saved tensors to the output dtype
+        reader = TensorReader(_single_rank_model(m, getattr(torch, dtype), meta=True), step)
+        shards = _SafetensorsShards(tmp, max_shard_bytes)
+        for rule in conversion_rules(m):
+            shards.make_room(reader.nbytes(rule.megatron))  # write out what is held before reading more
+            for name, tensor in zip(rule.hf, rule.to_hf(reader.get(rule.megatron)), strict=True):
+                shards.add(name, tensor)
+        shards.finish()
         (tmp / "config.json").write_text(json.dumps(hf_config(m, max_len, dtype), indent=2))
         generation = {"do_sample": False}
         if tokenizer:
@@ -167,6 +163,48 @@ def mcore_to_hf(ckpt: str, out: str, tokenizer: str | None = None, dtype: str = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_path
+
+
+class _SafetensorsShards:
+    """HF's sharded safetensors layout (``model-0000i-of-0000n.safetensors`` + index), each shard written
+    once ``max_bytes`` of tensors are collected: only one shard's tensors are held."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def make_room(self, nbytes: int) -> None:
+        if self.tensors and sum(t.nbytes for t in self.tensors.values()) + nbytes > self.max_bytes:
+            self._flush()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.contiguous()
+        if tensor.untyped_storage().nbytes() != tensor.nbytes:
+            tensor = tensor.clone()  # a slice of a fused tensor: safetensors wants it on its own
+        self.make_room(tensor.nbytes)
+        self.tensors[name] = tensor
+        self.total += tensor.nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.folder / f".shard-{len(self.files):05d}.safetensors"
+        save_file(self.tensors, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.tensors)))
+        self.tensors = {}
+
+    def finish(self) -> None:
+        if self.tensors:
+            self._flush()
+        index = {}
+        for i, (path, names) in enumerate(self.files):
+            fname = f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors"
+            path.rename(self.folder / fname)
+            index.update({name: fname for name in names})
+        (self.folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": self.total}, "weight_map": index}, indent=2))
 
 
 def _copy_tokenizer(src: Path, dst: Path, generation: dict) -> None:
@@ -189,20 +227,21 @@ def _copy_tokenizer(src: Path, dst: Path, generation: dict) -> None:
 
 
 def verify(hf_dir: str, ckpt: str, tokens: int = 64, tolerance: float = 1e-3, seed: int = 0) -> dict:
-    """Logits of the HF model (transformers) and of the converted megatron model on the same tokens."""
+    """Logits of the HF model (transformers) and of the converted megatron model on the same tokens, in fp32,
+    one model in memory at a time (an 8B model: 32 GB)."""
     from megatron.core import dist_checkpointing
     from transformers import AutoModelForCausalLM
 
     step = resolve_checkpoint(ckpt)
     meta = json.loads((step / "megaprolong.json").read_text())
     m = ModelConfig(**meta["config"]["model"])
-    model = _single_rank_model(m)
-    model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step))["model"],
-                          strict=False)
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
     ids = torch.randint(0, m.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         ref = hf(input_ids=ids, use_cache=False).logits[0].float()
+        del hf
+        model = _single_rank_model(m)
+        dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step))  # into the parameters
         dev = next(model.parameters()).device
         got = model(ids.to(dev), torch.arange(tokens, device=dev)[None], attention_mask=None)[0].float().cpu()
     got = got[:, :m.vocab_size]  # padded ids are not in the HF model

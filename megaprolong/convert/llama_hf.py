@@ -6,13 +6,16 @@
   in TE specs they are fused into ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``, which
   megatron's sharded state dict maps for us when checkpoints are loaded);
 - embeddings are untied (Llama-3): a tied HF model is refused.
-Conversion is tensor by tensor: one HF tensor set (a layer's q, k, v) is in flight at a time.
+:func:`conversion_rules` lists every tensor once, with the conversion both ways, so the two directions cannot
+drift apart; the jobs apply one rule (one tensor set, e.g. a layer's q, k, v) at a time.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -65,7 +68,7 @@ def hf_config(model: ModelConfig, max_position_embeddings: int, torch_dtype: str
     }
 
 
-def _fuse_qkv(q, k, v, m: ModelConfig) -> torch.Tensor:
+def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     d, groups = m.head_dim, m.num_query_groups
     per = m.num_attention_heads // groups
     q = q.reshape(groups, per * d, -1)
@@ -74,7 +77,7 @@ def _fuse_qkv(q, k, v, m: ModelConfig) -> torch.Tensor:
     return torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
 
 
-def _split_qkv(qkv, m: ModelConfig):
+def _split_qkv(qkv: torch.Tensor, m: ModelConfig) -> tuple[torch.Tensor, ...]:
     d, groups = m.head_dim, m.num_query_groups
     per = m.num_attention_heads // groups
     x = qkv.reshape(groups, (per + 2) * d, -1)
@@ -89,44 +92,37 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _strip_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return t if t.shape[0] == rows else t[:rows].clone()  # a copy: safetensors refuses views of a larger tensor
+    return t if t.shape[0] == rows else t[:rows]
 
 
-def hf_to_megatron(get, m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(megatron name, tensor) pairs; ``get(hf_name)`` returns one HF tensor (read lazily)."""
-    yield "embedding.word_embeddings.weight", _pad_rows(get("model.embed_tokens.weight"), m.padded_vocab_size)
+@dataclass(frozen=True)
+class Rule:
+    """One megatron tensor and the HF tensors it is made of, with the conversion both ways."""
+    megatron: str
+    hf: tuple[str, ...]
+    to_megatron: Callable[..., torch.Tensor] = lambda t: t  # HF tensors -> the megatron tensor
+    to_hf: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = lambda t: (t,)  # the inverse
+
+
+def conversion_rules(m: ModelConfig) -> list[Rule]:
+    """Every tensor of the Llama model, in model order (embedding, layers, final norm, output layer)."""
+    vocab = [partial(_pad_rows, rows=m.padded_vocab_size), lambda t: (_strip_rows(t, m.vocab_size),)]
+    rules = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), *vocab)]
     for i in range(m.num_layers):
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
-        yield mc + "input_layernorm.weight", get(hf + "input_layernorm.weight")
-        yield mc + "self_attention.linear_qkv.weight", _fuse_qkv(get(hf + "self_attn.q_proj.weight"),
-                                                                 get(hf + "self_attn.k_proj.weight"),
-                                                                 get(hf + "self_attn.v_proj.weight"), m)
-        yield mc + "self_attention.linear_proj.weight", get(hf + "self_attn.o_proj.weight")
-        yield mc + "pre_mlp_layernorm.weight", get(hf + "post_attention_layernorm.weight")
-        yield mc + "mlp.linear_fc1.weight", torch.cat([get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")])
-        yield mc + "mlp.linear_fc2.weight", get(hf + "mlp.down_proj.weight")
-    yield "decoder.final_layernorm.weight", get("model.norm.weight")
-    yield "output_layer.weight", _pad_rows(get("lm_head.weight"), m.padded_vocab_size)
-
-
-def megatron_to_hf(get, m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs; ``get(megatron_name)`` returns one full megatron tensor."""
-    yield "model.embed_tokens.weight", _strip_rows(get("embedding.word_embeddings.weight"), m.vocab_size)
-    for i in range(m.num_layers):
-        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
-        yield hf + "input_layernorm.weight", get(mc + "input_layernorm.weight")
-        q, k, v = _split_qkv(get(mc + "self_attention.linear_qkv.weight"), m)
-        yield hf + "self_attn.q_proj.weight", q
-        yield hf + "self_attn.k_proj.weight", k
-        yield hf + "self_attn.v_proj.weight", v
-        yield hf + "self_attn.o_proj.weight", get(mc + "self_attention.linear_proj.weight")
-        yield hf + "post_attention_layernorm.weight", get(mc + "pre_mlp_layernorm.weight")
-        gate, up = get(mc + "mlp.linear_fc1.weight").chunk(2, dim=0)
-        yield hf + "mlp.gate_proj.weight", gate
-        yield hf + "mlp.up_proj.weight", up
-        yield hf + "mlp.down_proj.weight", get(mc + "mlp.linear_fc2.weight")
-    yield "model.norm.weight", get("decoder.final_layernorm.weight")
-    yield "lm_head.weight", _strip_rows(get("output_layer.weight"), m.vocab_size)
+        attn = tuple(f"{hf}self_attn.{x}_proj.weight" for x in "qkv")
+        rules += [
+            Rule(mc + "input_layernorm.weight", (hf + "input_layernorm.weight",)),
+            Rule(mc + "self_attention.linear_qkv.weight", attn, partial(_fuse_qkv, m=m), partial(_split_qkv, m=m)),
+            Rule(mc + "self_attention.linear_proj.weight", (hf + "self_attn.o_proj.weight",)),
+            Rule(mc + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",)),
+            Rule(mc + "mlp.linear_fc1.weight", (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
+                 lambda gate, up: torch.cat([gate, up]), lambda t: t.chunk(2)),
+            Rule(mc + "mlp.linear_fc2.weight", (hf + "mlp.down_proj.weight",)),
+        ]
+    rules.append(Rule("decoder.final_layernorm.weight", ("model.norm.weight",)))
+    rules.append(Rule("output_layer.weight", ("lm_head.weight",), *vocab))
+    return rules
 
 
 class HFCheckpoint:
@@ -146,7 +142,8 @@ class HFCheckpoint:
             with safe_open(self.path / "model.safetensors", "pt") as f:
                 self.files = {name: self.path / "model.safetensors" for name in f.keys()}
         elif (self.path / "pytorch_model.bin").exists():
-            self._bin = torch.load(self.path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            # memory-mapped: tensors are read from the file when used, not all at once
+            self._bin = torch.load(self.path / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
             self.files = {name: None for name in self._bin}
         else:
             raise ConversionError(f"{self.path}: no model.safetensors(.index.json) or pytorch_model.bin")
@@ -164,3 +161,19 @@ class HFCheckpoint:
 
         with safe_open(f, "pt") as handle:
             return handle.get_tensor(name)
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A meta tensor with the shape and dtype of ``name``, read from the file's header only."""
+        if name not in self.files:
+            raise ConversionError(f"{self.path}: tensor {name} is missing")
+        f = self.files[name]
+        if f is None:
+            return self._bin[name].to("meta")
+        from safetensors import safe_open
+
+        with safe_open(f, "pt") as handle:
+            info = handle.get_slice(name)
+            return torch.empty(info.get_shape(), dtype=_SAFETENSORS_DTYPES[info.get_dtype()], device="meta")
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
