@@ -146,6 +146,8 @@ def test_trained_checkpoint_exports_to_transformers_with_its_rope_base(uninterru
     assert model.config.rope_parameters["rope_theta"] == 8000000.0
     generated = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 7)
+    # exact: the checkpoint (saved by TP=2 ranks) under TP=2 gives transformers' logits on the exported model
+    assert "HF_LOGITS_OK" in torchrun("hf_logits.py", 2, str(tmp_path / "hf"), str(d / "ckpt"), "parallel.tp=2")
 
 
 @pytest.mark.multirank
