@@ -80,8 +80,8 @@ class _ProducingPlanner(MCoreSavePlanner):
         name, size, stride, offset = self.chunks[write_item.index.fqn, tuple(write_item.index.offset)]
         if self._last is None or self._last[0] != name:
             self._last = None  # free the previous tensor before producing the next
-            self._last = (name, self.produce(name))
-        tensor = self._last[1].to(placeholder.dtype)
+            self._last = (name, self.produce(name).to(placeholder.dtype).contiguous())
+        tensor = self._last[1]
         if tensor.shape != size:
             tensor = tensor.as_strided(size, stride, offset)
         return tensor.view(placeholder.shape)  # megatron's layout: a leading axis of 1 for the layer stack
