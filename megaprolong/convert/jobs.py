@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from megaprolong.convert.llama_hf import (ConversionError, HFCheckpoint, conversion_rules, hf_config,
                                           model_config_from_hf)
@@ -81,8 +83,14 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, rope_base: floa
         _check_shapes(model, rules, hf.meta)
         step_dir = tmp / "step_00000000"
         step_dir.mkdir()
-        # each megatron tensor is made from its HF tensors (memory-mapped) when it is written, then freed
-        save_produced(model, lambda name: rules[name].to_megatron(*map(hf.get, rules[name].hf)), step_dir)
+        bar = tqdm(total=len(rules), desc="hf-to-mcore", unit=" tensors", file=sys.stderr, mininterval=1.0)
+
+        def produce(name: str) -> torch.Tensor:  # from the HF tensors (memory-mapped) when written, then freed
+            bar.update()
+            return rules[name].to_megatron(*map(hf.get, rules[name].hf))
+
+        save_produced(model, produce, step_dir)
+        bar.close()
         meta = {"step": 0, "weights_only": True, "rope_base": m.rope_base, "source": str(hf_dir),
                 "config": {"model": asdict(m)}, "layout": None}
         (step_dir / "megaprolong.json").write_text(json.dumps(meta, indent=2))
@@ -149,7 +157,7 @@ def mcore_to_hf(ckpt: str, out: str, tokenizer: str | None = None, dtype: str = 
         # read a layer at a time; loading casts the saved tensors to the output dtype
         reader = TensorReader(_single_rank_model(m, getattr(torch, dtype), meta=True), step)
         shards = _SafetensorsShards(tmp, max_shard_bytes)
-        for rule in conversion_rules(m):
+        for rule in tqdm(conversion_rules(m), desc="mcore-to-hf", unit=" tensors", file=sys.stderr, mininterval=1.0):
             shards.make_room(reader.nbytes(rule.megatron))  # write out what is held before reading more
             for name, tensor in zip(rule.hf, rule.to_hf(reader.get(rule.megatron)), strict=True):
                 shards.add(name, tensor)
