@@ -151,10 +151,13 @@ class HFCheckpoint:
             if not f.exists():
                 raise ConversionError(f"{self.path}: shard {f.name} listed in the index is missing")
 
-    def get(self, name: str) -> torch.Tensor:
+    def _file(self, name: str) -> Path | None:
         if name not in self.files:
             raise ConversionError(f"{self.path}: tensor {name} is missing")
-        f = self.files[name]
+        return self.files[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self._file(name)
         if f is None:
             return self._bin[name]
         from safetensors import safe_open
@@ -164,15 +167,16 @@ class HFCheckpoint:
 
     def meta(self, name: str) -> torch.Tensor:
         """A meta tensor with the shape and dtype of ``name``, read from the file's header only."""
-        if name not in self.files:
-            raise ConversionError(f"{self.path}: tensor {name} is missing")
-        f = self.files[name]
+        f = self._file(name)
         if f is None:
             return self._bin[name].to("meta")
         from safetensors import safe_open
 
         with safe_open(f, "pt") as handle:
             info = handle.get_slice(name)
+            if info.get_dtype() not in _SAFETENSORS_DTYPES:
+                raise ConversionError(f"{f}: {name} has dtype {info.get_dtype()}; supported: "
+                                      f"{', '.join(_SAFETENSORS_DTYPES)}")
             return torch.empty(info.get_shape(), dtype=_SAFETENSORS_DTYPES[info.get_dtype()], device="meta")
 
 
