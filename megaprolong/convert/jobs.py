@@ -181,10 +181,10 @@ class _SafetensorsShards:
         self.folder, self.max_bytes = folder, max_bytes
         self.tensors: dict[str, torch.Tensor] = {}
         self.files: list[tuple[Path, list[str]]] = []
-        self.total = 0
+        self.held = self.total = 0  # bytes in the shard being filled, bytes in all
 
     def make_room(self, nbytes: int) -> None:
-        if self.tensors and sum(t.nbytes for t in self.tensors.values()) + nbytes > self.max_bytes:
+        if self.tensors and self.held + nbytes > self.max_bytes:
             self._flush()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -193,6 +193,7 @@ class _SafetensorsShards:
             tensor = tensor.clone()  # a slice of a fused tensor: safetensors wants it on its own
         self.make_room(tensor.nbytes)
         self.tensors[name] = tensor
+        self.held += tensor.nbytes
         self.total += tensor.nbytes
 
     def _flush(self) -> None:
@@ -201,7 +202,7 @@ class _SafetensorsShards:
         path = self.folder / f".shard-{len(self.files):05d}.safetensors"
         save_file(self.tensors, str(path), metadata={"format": "pt"})
         self.files.append((path, list(self.tensors)))
-        self.tensors = {}
+        self.tensors, self.held = {}, 0
 
     def finish(self) -> None:
         if self.tensors:
