@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from megaprolong.config import ConfigError
 from megaprolong.model.state import unwrap_model
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -81,8 +82,6 @@ def _adopt_group_settings(optimizer, loaded: dict) -> None:
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     saved, live = loaded["optimizer"]["param_groups"], chained[0].optimizer.param_groups
     if len(chained) != 1 or len(saved) != len(live):
-        from megaprolong.config import ConfigError
-
         raise ConfigError(f"the checkpoint's optimizer has {len(saved)} parameter groups, this run {len(live)}")
     for old, new in zip(saved, live):
         for key in param_group_identifier_keys:
@@ -181,8 +180,6 @@ def load(trainer, path: str | Path, resume: bool) -> dict:
     saved = meta.get("config", {}).get("model", {})
     for key in ("vocab_size", "vocab_multiple", "num_layers", "hidden_size", "num_query_groups"):
         if key in saved and saved[key] != getattr(trainer.cfg.model, key):
-            from megaprolong.config import ConfigError
-
             raise ConfigError(f"{path}: the checkpoint has model.{key}={saved[key]}, the recipe "
                               f"{getattr(trainer.cfg.model, key)}: set model.{key}={saved[key]}")
     fmt = meta.get("optimizer_format", "dp_reshardable")

@@ -6,9 +6,10 @@ master + Adam moments 12 B/param sharded over DP x CP; activations of the local 
 ``S / CP`` (``/ TP`` under sequence parallelism) per layer: with full recomputation only each layer's
 input (2 B x h) is kept, plus one layer's working set (~34 B x h per token, attention by flash kernels,
 Korthikanti et al. 2022); fp32 logits of the local tokens over the local vocabulary (x2 for their
-gradient), or of one chunk of them with ``train.loss_chunk_tokens``. Step time = model FLOPs (attention per document, assumed full-length documents: an upper bound)
-/ (GPUs x peak x MFU), the MFU calibrated on ProLong's reported 2.65K tokens/s/GPU for Llama-3-8B at 64K on
-H100s, with a pipeline-bubble factor (1 + (PP - 1) / micro-batches).
+gradient), or of one chunk of them with ``train.loss_chunk_tokens``. Step time = model FLOPs (attention per
+document, assumed full-length documents: an upper bound) / (GPUs x peak x MFU), the MFU calibrated on
+ProLong's reported 2.65K tokens/s/GPU for Llama-3-8B at 64K on H100s, with a pipeline-bubble factor
+(1 + (PP - 1) / micro-batches).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def main(hf_dir, mcore_dir, overrides):
         logits = gather_from_tensor_model_parallel_region(results[0]["logits"]).float().cpu()[0]
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         with torch.no_grad():
             ref = hf(input_ids=ids, use_cache=False).logits[0]
         diff = (logits[:, :m.vocab_size] - ref).abs().max().item()
