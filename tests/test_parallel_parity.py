@@ -30,10 +30,26 @@ LAYOUTS = {
 }
 
 
+# 4,096-token sequences: one single-document sequence and one of long uneven documents per step, so that
+# context-parallel query chunks sit at offsets > 0 deep inside long documents
+LONG = ["data=long", "train.seq_length=4096", "train.global_batch_size=2", "model.num_layers=2"]
+LONG_LAYOUTS = {
+    "cp4": (4, ["parallel.cp=4"]),
+    "tp2_sp_cp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.cp=2"]),
+}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     d = tmp_path_factory.mktemp("parity")
     torchrun("parity.py", 1, str(d / "ref.pt"), str(d / "init.pt"))
+    return d, torch.load(d / "ref.pt")
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory):
+    d = tmp_path_factory.mktemp("parity_long")
+    torchrun("parity.py", 1, str(d / "ref.pt"), str(d / "init.pt"), *LONG)
     return d, torch.load(d / "ref.pt")
 
 
@@ -42,8 +58,19 @@ def test_layout_matches_single_rank(reference, layout):
     d, ref = reference
     nproc, overrides = LAYOUTS[layout]
     torchrun("parity.py", nproc, str(d / f"{layout}.pt"), str(d / "init.pt"), *overrides)
-    got = torch.load(d / f"{layout}.pt")
+    assert_matches(torch.load(d / f"{layout}.pt"), ref, torch.load(d / "init.pt"))
 
+
+@pytest.mark.parametrize("layout", LONG_LAYOUTS)
+def test_long_documents_match_single_rank(long_reference, layout):
+    d, ref = long_reference
+    nproc, overrides = LONG_LAYOUTS[layout]
+    torchrun("parity.py", nproc, str(d / f"{layout}.pt"), str(d / "init.pt"), *LONG, *overrides)
+    assert_matches(torch.load(d / f"{layout}.pt"), ref, torch.load(d / "init.pt"))
+
+
+def assert_matches(got: dict, ref: dict, init: dict) -> None:
+    """Same losses, grad norms, step-1 gradients and final parameters as the 1-rank run."""
     torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=0)
     torch.testing.assert_close(got["grad_norm"], ref["grad_norm"], rtol=1e-5, atol=0)
     assert got["grads"].keys() == ref["grads"].keys()
@@ -54,7 +81,7 @@ def test_layout_matches_single_rank(reference, layout):
         torch.testing.assert_close(got["params"][name], p, rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"parameter {name} after 3 steps: {m}")
     # the update is not trivially zero: parameters moved
-    assert any((ref["params"][n] - p).abs().max() > 1e-3 for n, p in torch.load(d / "init.pt").items())
+    assert any((ref["params"][n] - p).abs().max() > 1e-3 for n, p in init.items())
 
 
 def test_document_masking_on_packed_sequences():

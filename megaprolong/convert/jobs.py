@@ -7,6 +7,7 @@ layout loads here. Outputs are written to a temporary folder and renamed when co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -38,6 +39,8 @@ def _single_rank_model(m: ModelConfig, dtype: torch.dtype = torch.float32, meta:
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(0)
+    # the local layer spec whatever training would pick: its parameter names are the conversion rules'
+    m = dataclasses.replace(m, attention_backend="torch", attention_kernel="auto")
     if meta:
         with torch.device("meta"):
             return build_model(m, transformer_config(m, params_dtype=dtype, pipeline_dtype=dtype,

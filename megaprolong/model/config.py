@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ATTENTION_BACKENDS = ("auto", "torch", "te")
+ATTENTION_KERNELS = ("auto", "torch-varlen", "flash-attn", "sdpa", "cpu-blockwise")
+
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Llama-3 model; defaults are Llama-3-8B (REFERENCE.md section 1)."""
+    """Architecture of a Llama-3 model (defaults: Llama-3-8B), and which attention implementation runs it."""
 
     num_layers: int = 32
     hidden_size: int = 4096
@@ -22,6 +25,13 @@ class ModelConfig:
     # Embedding and output rows are padded to a multiple of this (tensor parallelism splits the vocabulary):
     # the padded logits are masked out of the softmax, and the padded rows are stripped on export to HF.
     vocab_multiple: int = 1
+    # auto | torch | te. auto = torch: our document-masked attention (model.attention_kernel) in megatron-core's
+    # local layer spec. te: TransformerEngine's layer spec and attention (GPU with TE only; UNVERIFIED: it has
+    # never run on a machine with TE; only parallel.cp_comm_type=p2p under CP)
+    attention_backend: str = "auto"
+    # the torch backend's kernel: auto | torch-varlen | flash-attn | sdpa | cpu-blockwise. auto: flash-attn
+    # when installed, else torch's varlen flash attention (CUDA, bf16), else SDPA; cpu-blockwise on the CPU
+    attention_kernel: str = "auto"
 
     @property
     def head_dim(self) -> int:

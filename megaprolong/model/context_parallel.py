@@ -1,6 +1,6 @@
 """Splitting a packed (THD) sample over context-parallel ranks, and where each local token sits globally.
 
-The layout is TransformerEngine's ``thd_get_partitioned_indices`` (REFERENCE.md sections 5 and 8): every
+The layout is TransformerEngine's ``thd_get_partitioned_indices``: every
 document is padded to a multiple of ``2 * cp``, cut into ``2 * cp`` chunks of ``c`` tokens, and rank ``r``
 keeps chunks ``r`` and ``2 * cp - 1 - r`` of every document, documents in order. This balances causal
 attention work across ranks. One implementation serves both attention paths (TE's and ours) and the data.
@@ -43,17 +43,48 @@ def padded_lengths(lengths: np.ndarray, cp: int, total_multiple: int = 1) -> np.
     return padded
 
 
+def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])`` without a Python loop."""
+    starts, lengths = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    first = np.cumsum(lengths) - lengths  # where each range begins in the output
+    return np.repeat(starts - first, lengths) + np.arange(total, dtype=np.int64)
+
+
+def zigzag_chunks(cu_seqlens_padded: np.ndarray, cp: int, rank: int):
+    """Global (start, length) of ``rank``'s chunks in local order, and each chunk's document start."""
+    doc_start = np.asarray(cu_seqlens_padded[:-1], dtype=np.int64)
+    if cp == 1:
+        return doc_start, np.diff(np.asarray(cu_seqlens_padded, dtype=np.int64)), doc_start
+    c = np.diff(np.asarray(cu_seqlens_padded, dtype=np.int64)) // (2 * cp)
+    starts = np.stack([doc_start + rank * c, doc_start + (2 * cp - 1 - rank) * c], axis=1).reshape(-1)
+    return starts, np.repeat(c, 2), np.repeat(doc_start, 2)
+
+
+def rank_major_row(cu_seqlens_padded: np.ndarray, cp: int) -> np.ndarray:
+    """For every global position, its row in the K/V all-gathered over the CP group (rank-major)."""
+    cu = np.asarray(cu_seqlens_padded, dtype=np.int64)
+    total = int(cu[-1])
+    if cp == 1:
+        return np.arange(total, dtype=np.int64)
+    lengths = np.diff(cu)
+    c = np.repeat(lengths // (2 * cp), lengths)  # chunk size of each position's document
+    offset = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lengths)  # position inside its document
+    chunk = offset // c
+    first_half = chunk < cp
+    rank = np.where(first_half, chunk, 2 * cp - 1 - chunk)
+    # each rank holds 2c rows per document, documents in order: rows before this document, then the chunk
+    rows_before = np.repeat(cu[:-1] // cp, lengths)
+    local = rows_before + np.where(first_half, 0, c) + offset % c
+    return rank * (total // cp) + local
+
+
 def partition_index(cu_seqlens_padded: np.ndarray, cp: int, rank: int) -> np.ndarray:
     """Global positions held by ``rank``, in local order (TE's thd_get_partitioned_indices)."""
-    if cp == 1:
-        return np.arange(int(cu_seqlens_padded[-1]), dtype=np.int64)
-    starts = np.asarray(cu_seqlens_padded[:-1], dtype=np.int64)
-    chunk = np.diff(np.asarray(cu_seqlens_padded, dtype=np.int64)) // (2 * cp)
-    parts = []
-    for s, c in zip(starts, chunk):
-        parts.append(np.arange(s + rank * c, s + (rank + 1) * c))
-        parts.append(np.arange(s + (2 * cp - 1 - rank) * c, s + (2 * cp - rank) * c))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    starts, lengths, _ = zigzag_chunks(cu_seqlens_padded, cp, rank)
+    return concat_ranges(starts, lengths)
 
 
 def split_for_context_parallel(sample: Sample, cp: int, rank: int, total_multiple: int = 1) -> LocalPacked:
@@ -99,14 +130,3 @@ def concat_packed(parts: list[LocalPacked]) -> LocalPacked:
         position_ids=np.concatenate([p.position_ids for p in parts]),
         cu_seqlens=cat_cu([p.cu_seqlens for p in parts]), cu_seqlens_padded=cat_cu([p.cu_seqlens_padded for p in parts]),
         max_seqlen=max(p.max_seqlen for p in parts))
-
-
-def packed_seq_params(local: LocalPacked, device: torch.device):
-    """megatron-core's PackedSeqParams for a THD micro-batch (global cu_seqlens; TE and RoPE want those)."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    cu = torch.from_numpy(local.cu_seqlens).to(device=device, dtype=torch.int32)
-    cu_padded = torch.from_numpy(local.cu_seqlens_padded).to(device=device, dtype=torch.int32)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
-                           cu_seqlens_kv_padded=cu_padded, max_seqlen_q=local.max_seqlen,
-                           max_seqlen_kv=local.max_seqlen)

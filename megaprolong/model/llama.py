@@ -1,8 +1,9 @@
 """The Llama-3 family as a megatron-core GPTModel, composed from layer specs (never forked modules).
 
 Llama-3: RMSNorm (pre-norm), SwiGLU MLP, grouped-query attention, RoPE with a configurable base, untied
-input/output embeddings, no biases. The layer spec is chosen by platform: TransformerEngine's fused modules
-when TE imports, megatron-core's local modules otherwise (CPU, or a GPU without TE).
+input/output embeddings, no biases. The layer spec follows ``model.attention_backend``, never the platform
+alone: megatron-core's local modules with our document-masked attention (``torch``, the default everywhere),
+or TransformerEngine's fused modules (``te``, opt-in: it has never run on a machine with TE).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules, get_num_layers_to_build
 
-from megaprolong.model.config import ModelConfig
+from megaprolong.model.config import ATTENTION_BACKENDS, ModelConfig
 
 
 def have_transformer_engine() -> bool:
@@ -25,6 +26,18 @@ def have_transformer_engine() -> bool:
     except Exception:  # an empty meta-package, or a build without CUDA, fails in various ways
         return False
     return torch.cuda.is_available()
+
+
+def attention_backend(model: ModelConfig) -> str:
+    """``torch`` or ``te``: ``auto`` is ``torch``; ``te`` only where TransformerEngine imports on a GPU."""
+    if model.attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention_backend={model.attention_backend!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    if model.attention_backend != "te":
+        return "torch"
+    if not have_transformer_engine():
+        raise ValueError("model.attention_backend=te needs TransformerEngine on a CUDA machine; it does not import "
+                         "here (model.attention_backend=auto runs our torch attention)")
+    return "te"
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -42,7 +55,7 @@ class RMSNorm(torch.nn.RMSNorm):
 
 def transformer_config(model: ModelConfig, **parallel_and_runtime) -> TransformerConfig:
     """megatron-core's TransformerConfig for ``model``; keyword args add the parallel layout, dtype, etc."""
-    use_te = have_transformer_engine()
+    use_te = attention_backend(model) == "te"
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -71,30 +84,31 @@ def transformer_config(model: ModelConfig, **parallel_and_runtime) -> Transforme
     )
 
 
-def layer_spec(config: TransformerConfig) -> ModuleSpec:
-    """The Llama decoder layer: TE's fused modules when available; otherwise megatron-core's local modules
-    with our document-masked, context-parallel attention and a sequence-parallel-capable RMSNorm."""
+def layer_spec(model: ModelConfig) -> ModuleSpec:
+    """The Llama decoder layer: megatron-core's local modules with our document-masked, context-parallel
+    attention and a sequence-parallel-capable RMSNorm; or TE's fused modules (backend ``te``)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if have_transformer_engine():
+    if attention_backend(model) == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    from megaprolong.model.attention import DocumentMaskedAttention
+    from megaprolong.model.attention import DocumentMaskedAttention, SelfAttention
 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     attn = spec.submodules.self_attention
-    attn = ModuleSpec(module=attn.module, params=attn.params,
-                      submodules=dataclasses.replace(attn.submodules, core_attention=DocumentMaskedAttention))
+    core = ModuleSpec(module=DocumentMaskedAttention, params={"kernel": model.attention_kernel})
+    attn = ModuleSpec(module=SelfAttention, params=attn.params,
+                      submodules=dataclasses.replace(attn.submodules, core_attention=core))
     submodules = dataclasses.replace(spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm,
                                      self_attention=attn)
     return ModuleSpec(module=spec.module, params=spec.params, submodules=submodules)
 
 
-def decoder_block_spec(config: TransformerConfig, vp_stage: int | None = None) -> ModuleSpec:
+def decoder_block_spec(model: ModelConfig, config: TransformerConfig, vp_stage: int | None = None) -> ModuleSpec:
     """The layers of this pipeline stage plus the final norm."""
-    layer = layer_spec(config)
+    layer = layer_spec(model)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     final_norm = RMSNorm
-    if have_transformer_engine():
+    if attention_backend(model) == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 
         final_norm = TENorm
@@ -114,7 +128,7 @@ def build_model(
     """One pipeline stage (or the whole model) of the Llama GPTModel on the current device."""
     return GPTModel(
         config=config,
-        transformer_layer_spec=decoder_block_spec(config, vp_stage),
+        transformer_layer_spec=decoder_block_spec(model, config, vp_stage),
         vocab_size=model.padded_vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

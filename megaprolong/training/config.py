@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megaprolong.config import ConfigError
-from megaprolong.model.config import ModelConfig
+from megaprolong.model.config import ATTENTION_BACKENDS, ATTENTION_KERNELS, ModelConfig
 
 
 @dataclass
@@ -16,7 +16,9 @@ class ParallelConfig:
     vpp: int | None = None  # virtual pipeline stages per pipeline rank (interleaved schedule)
     cp: int = 1  # context parallel
     sequence_parallel: bool = False
-    cp_comm_type: str = "p2p"  # TransformerEngine's CP exchange: p2p (ring), a2a, all_gather, a2a+p2p
+    # TransformerEngine's CP exchange (model.attention_backend=te only; it supports packed sequences under CP
+    # with p2p, the ring, only). The torch backend always all-gathers K/V over the CP group.
+    cp_comm_type: str = "p2p"
     distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
 
     def dp(self, world_size: int) -> int:
@@ -134,6 +136,14 @@ def validate(cfg: Config, world_size: int) -> None:
         problems.append(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction} must be in [0, 1]")
     if t.steps < 1:
         problems.append(f"train.steps={t.steps} must be >= 1")
+    if m.attention_backend not in ATTENTION_BACKENDS:
+        problems.append(f"model.attention_backend={m.attention_backend!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    if m.attention_kernel not in ATTENTION_KERNELS:
+        problems.append(f"model.attention_kernel={m.attention_kernel!r}: expected one of {', '.join(ATTENTION_KERNELS)}")
+    if m.attention_backend == "te" and p.cp > 1 and p.cp_comm_type != "p2p":
+        problems.append(f"parallel.cp_comm_type={p.cp_comm_type!r} with model.attention_backend=te: TransformerEngine "
+                        f"supports packed (THD) sequences under context parallelism only with p2p (its a2a and "
+                        f"all_gather THD paths are refused or untested in TE itself); set parallel.cp_comm_type=p2p")
     if t.loss_chunk_tokens < 0:
         problems.append(f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0: no chunking)")
     if problems:

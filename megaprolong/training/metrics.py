@@ -10,8 +10,10 @@ from dataclasses import asdict
 class MetricsLogger:
     """Rank 0 logs; the others construct it with ``enabled=False`` and it does nothing."""
 
-    def __init__(self, cfg, domain_names: list[str], total_steps: int, enabled: bool, print_fn=print):
+    def __init__(self, cfg, domain_names: list[str], total_steps: int, enabled: bool, print_fn=print,
+                 run_info: dict | None = None):
         self.names, self.total, self.enabled, self.print = domain_names, total_steps, enabled, print_fn
+        self.run_info = run_info or {}  # constant facts of the run (e.g. the attention kernel), in every row
         self.jsonl = self.tb = self.wandb = None
         if not enabled:
             return
@@ -41,6 +43,7 @@ class MetricsLogger:
         row = {k: v for k, v in asdict(m).items() if k != "domain_loss"}
         row["tokens_per_s"] = m.tokens_per_s
         row["domain_loss"] = dict(zip(self.names, m.domain_loss))
+        row.update(self.run_info)
         if self.jsonl:
             self.jsonl.write(json.dumps(row) + "\n")
             self.jsonl.flush()

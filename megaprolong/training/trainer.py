@@ -29,8 +29,10 @@ from megatron.core.transformer.module import Float16Module
 
 from megaprolong.data.packing import Sample, balance_micro_batches
 from megaprolong.model.chunked_loss import lm_head_loss
-from megaprolong.model.context_parallel import concat_packed, packed_seq_params, split_for_context_parallel
-from megaprolong.model.llama import build_model, transformer_config
+from megaprolong.model.attention import packed_batch, select_kernel
+from megaprolong.model.context_parallel import concat_packed, split_for_context_parallel
+from megaprolong.model.llama import attention_backend, build_model, transformer_config
+from megaprolong.model.state import unwrap_model
 from megaprolong.runtime.device import device, init_distributed, local_rank_zero_first
 from megaprolong.runtime.preemption import StopRequest
 from megaprolong.training import checkpoint
@@ -99,6 +101,7 @@ class Trainer:
         self.scheduler = self._build_scheduler()
         self.step = 0
         self.num_domains = 1  # set from the dataset's mix by run()
+        self.attention = self._attention_choice()
         m = cfg.model
         # megatron's own LM head + loss unless the loss is chunked or the vocabulary padded
         self._output_processor = lm_head_loss(cfg.train.loss_chunk_tokens, m.vocab_size, m.padded_vocab_size) \
@@ -190,6 +193,13 @@ class Trainer:
             wd_incr_style="constant",
         )
 
+    def _attention_choice(self) -> dict:
+        """The attention backend and kernel this run uses (printed at start-up, in every metrics row)."""
+        if attention_backend(self.cfg.model) == "te":
+            return {"attention_backend": "te", "attention_kernel": "TransformerEngine DotProductAttention (unverified)"}
+        kernel = select_kernel(self.cfg.model.attention_kernel, device().type, self.tf_config.params_dtype)
+        return {"attention_backend": "torch", "attention_kernel": f"{kernel.name}: {kernel.detail}"}
+
     # ---- one step -----------------------------------------------------------------------------------
     def _micro_batches(self, global_batch: list[Sample]) -> list[dict]:
         """This data-parallel rank's slice of the global batch as THD micro-batches on the device: each
@@ -202,6 +212,8 @@ class Trainer:
         cp_rank = ps.get_context_parallel_rank()
         total_multiple = (2 * p.cp if p.cp > 1 else 1) * (p.tp if p.sequence_parallel else 1)
         dev = device()
+        # our attention takes RoPE's per-token frequencies with the batch; TE's applies megatron's own RoPE
+        rotary = unwrap_model(self.model[0]).rotary_pos_emb if self.attention["attention_backend"] == "torch" else None
         batches = []
         for i in range(0, per_rank, mbs):
             local = concat_packed([split_for_context_parallel(s, p.cp, cp_rank, total_multiple)
@@ -211,7 +223,7 @@ class Trainer:
                 "tokens": as_row(local.tokens), "labels": as_row(local.labels),
                 "loss_mask": as_row(local.loss_mask), "domains": as_row(local.domains),
                 "position_ids": as_row(local.position_ids),
-                "packed_seq_params": packed_seq_params(local, dev),
+                "packed_seq_params": packed_batch(local, dev, p.cp, cp_rank, rotary),
             })
         return batches
 
@@ -308,11 +320,13 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
     names = getattr(dataset, "domain_names", ["data"])
     trainer.num_domains = len(names)
     say = log if dist.get_rank() == 0 else (lambda *_: None)
+    say(f"attention: backend {trainer.attention['attention_backend']}, kernel {trainer.attention['attention_kernel']}")
     _start(trainer, say)
     stop = StopRequest()
     ck = cfg.checkpoint
     history = []
-    metrics = MetricsLogger(cfg.logging, names, cfg.train.steps, enabled=dist.get_rank() == 0, print_fn=log)
+    metrics = MetricsLogger(cfg.logging, names, cfg.train.steps, enabled=dist.get_rank() == 0, print_fn=log,
+                            run_info=trainer.attention)
     queue = AsyncCallsQueue() if ck.async_save else None
     try:
         while trainer.step < cfg.train.steps:

@@ -1,8 +1,10 @@
 """Train a tiny Llama for 3 steps under a parallel layout and save what must match the 1-rank run.
 
-Usage (under torchrun): parity.py OUT.pt INIT.pt [key=value ...]
+Usage (under torchrun): parity.py OUT.pt INIT.pt [data=short|long] [key=value ...]
 If INIT.pt does not exist (the 1-rank reference), this run's initial weights are saved there; otherwise
-they are loaded from it, so every layout starts from the same weights.
+they are loaded from it, so every layout starts from the same weights. ``data=long`` (sequences of >= 4K
+tokens): per step, one sequence that is a single document and others of many uneven documents up to 40%
+of the sequence, so that context-parallel query chunks sit deep inside long documents.
 Saved: losses and grad norms of each step, full gradients of step 1, full parameters after step 3.
 """
 
@@ -43,6 +45,21 @@ def batches(n_steps: int, gbs: int, seq: int):
     return steps
 
 
+def long_batches(n_steps: int, gbs: int, seq: int):
+    rng = np.random.default_rng(1)
+    steps = []
+    for _ in range(n_steps):
+        batch = [make_sample([(0, 0, seq)], lambda d, a, b: rng.integers(0, 256, size=b - a))]
+        while len(batch) < gbs:
+            lengths = []
+            while sum(lengths) < seq:
+                lengths.append(int(min(seq - sum(lengths), rng.integers(1, int(0.4 * seq)))))
+            batch.append(make_sample([(i, 0, n) for i, n in enumerate(lengths)],
+                                     lambda d, a, b: rng.integers(0, 256, size=b - a)))
+        steps.append(batch)
+    return steps
+
+
 def all_gather_grad_shards(model_chunks) -> None:
     """After a reduce-scatter each data-parallel rank holds only its shard of the reduced gradients;
     gather the shards back into every bucket (as the distributed optimizer does for parameters)."""
@@ -55,6 +72,9 @@ def all_gather_grad_shards(model_chunks) -> None:
 
 
 def main(out: str, init: str, overrides: list[str]) -> None:
+    data = "short"
+    if overrides and overrides[0].startswith("data="):
+        data, overrides = overrides[0].removeprefix("data="), overrides[1:]
     cfg = load_config(Config, None, TINY + overrides)
     trainer = Trainer(cfg)
     if os.path.exists(init):
@@ -64,7 +84,8 @@ def main(out: str, init: str, overrides: list[str]) -> None:
         if dist.get_rank() == 0:
             torch.save(state, init)
     result = {"loss": [], "grad_norm": []}
-    for step, batch in enumerate(batches(cfg.train.steps, cfg.train.global_batch_size, cfg.train.seq_length)):
+    make_batches = {"short": batches, "long": long_batches}[data]
+    for step, batch in enumerate(make_batches(cfg.train.steps, cfg.train.global_batch_size, cfg.train.seq_length)):
         reports = trainer.forward_backward(batch)
         if step == 0:
             if cfg.parallel.distributed_optimizer:
