@@ -62,15 +62,40 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's meaning, from the comments in the dataclass's own source: the comment lines right above
+    the field and the one at its end (the one place a key's meaning is written)."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    names, out, above = {f.name for f in dataclasses.fields(cls)}, {}, []
+    for line in source:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("#").strip())
+            continue
+        field = re.match(r"\s+(\w+)\s*:", line)
+        if field and field.group(1) in names:
+            trailing = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+            out[field.group(1)] = " ".join(above + ([trailing] if trailing else []))
+        above = []
+    return out
+
+
 def describe_keys(cls: type, prefix: str = "") -> list[str]:
-    """One ``  key (default: value)`` line per leaf key of a config dataclass, for ``--help``."""
-    lines = []
+    """``  key (default: value): meaning`` per leaf key of a config dataclass, for ``--help``."""
+    lines, meaning = [], field_comments(cls)
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             lines += describe_keys(type(default), prefix + f.name + ".")
         else:
-            lines.append(f"  {prefix + f.name} (default: {default})")
+            text = meaning.get(f.name)
+            lines.append(f"  {prefix + f.name} (default: {default})" + (f": {text}" if text else ""))
     return lines
 
 

@@ -41,11 +41,26 @@ def test_missing_file_and_bad_override():
     (["train.global_batch_size=63"], 2, "train.global_batch_size"),
     (["parallel.tp=2"], 3, "world size"),
     (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel"),
+    (["model.attention_backend=flash"], 1, "model.attention_backend"),
+    (["model.attention_kernel=dense"], 1, "model.attention_kernel"),
+    # TransformerEngine runs packed sequences under CP with p2p only
+    (["model.attention_backend=te", "parallel.cp=2", "parallel.cp_comm_type=a2a"], 2, "parallel.cp_comm_type"),
+    (["model.attention_backend=te", "parallel.cp=2", "parallel.cp_comm_type=all_gather"], 2, "parallel.cp_comm_type"),
 ])
 def test_validate_names_offending_keys(overrides, world, key):
     cfg = load_config(Config, None, overrides)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg, world)
+
+
+def test_te_backend_is_opt_in_and_refused_without_te():
+    from megaprolong.model.config import ModelConfig
+    from megaprolong.model.llama import attention_backend
+
+    assert attention_backend(ModelConfig()) == "torch"  # auto never picks TE, whatever imports
+    validate(load_config(Config, None, ["model.attention_backend=te", "parallel.cp=2"]), 2)  # p2p: accepted
+    with pytest.raises(ValueError, match="needs TransformerEngine"):
+        attention_backend(ModelConfig(attention_backend="te"))
 
 
 def test_validate_accepts_prolong_512k_layout():
@@ -66,3 +81,13 @@ def test_prolong_recipes_carry_the_reference_numbers(recipe, world, steps, step_
     assert (o.lr, o.min_lr_ratio, o.warmup_fraction, o.beta1, o.beta2, o.eps, o.weight_decay, o.clip_grad) == \
         (1e-5, 0.1, 0.1, 0.9, 0.95, 1e-8, 0.1, 1.0)
     assert cfg.model.rope_base == (8e6 if "64k" in recipe else 1.28e8) and t.precision == "bf16"
+
+
+def test_help_says_what_every_key_means():
+    """--help takes each key's meaning from its dataclass field's comment: none may be missing."""
+    from megaprolong.config import describe_keys
+
+    lines = describe_keys(Config)
+    assert len(lines) > 40 and all("): " in line for line in lines), [l for l in lines if "): " not in l]
+    backend = next(l for l in lines if l.strip().startswith("model.attention_backend"))
+    assert "UNVERIFIED" in backend and "p2p" in backend

@@ -195,3 +195,27 @@ def test_conversion_holds_one_tensor_set_not_the_model(tmp_path):
     for name, peak in (("hf-to-mcore", to_mcore), ("mcore-to-hf", to_hf)):
         assert peak - base < 0.3 * model_bytes, (name, (peak - base) / 2**20, model_bytes / 2**20)
     assert len(list((tmp_path / "back").glob("*.safetensors"))) >= 10
+
+
+def test_conversion_never_consults_transformer_engine(converted, tmp_path):
+    """On a machine where TE imports (NVIDIA's containers), training could pick TE's layer spec, whose
+    parameter names differ; conversion must build the same checkpoint regardless. Here TE 'imports' and
+    asking about it fails: both directions still give back the original tensors bitwise."""
+    from safetensors.torch import load_file
+
+    d, hf = converted
+    patched = ("import sys, megaprolong.model.llama as llama\n"
+               "def consulted():\n    raise AssertionError('conversion consulted have_transformer_engine()')\n"
+               "llama.have_transformer_engine = consulted\n"
+               "from tools.convert import main\nsys.exit(main(sys.argv[1:]))\n")
+    run = lambda *args: subprocess.run([sys.executable, "-c", patched, *map(str, args)], capture_output=True,  # noqa: E731
+                                       text=True, cwd=REPO, timeout=300)
+    out = run("hf-to-mcore", "--hf", hf, "--out", tmp_path / "mcore", "--verify", "--tolerance", "1e-4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = run("mcore-to-hf", "--ckpt", tmp_path / "mcore", "--out", tmp_path / "back", "--dtype", "float32")
+    assert out.returncode == 0, out.stderr[-3000:]
+    original, back = {}, {}
+    for folder, into in ((hf, original), (tmp_path / "back", back)):
+        for f in folder.glob("*.safetensors"):
+            into.update(load_file(f))
+    assert back.keys() == original.keys() and all(torch.equal(back[k], t) for k, t in original.items())

@@ -15,7 +15,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline parallel
     vpp: int | None = None  # virtual pipeline stages per pipeline rank (interleaved schedule)
     cp: int = 1  # context parallel
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # shard norms/dropout activations over the TP group (needs tp >= 2)
     # TransformerEngine's CP exchange (model.attention_backend=te only; it supports packed sequences under CP
     # with p2p, the ring, only). The torch backend always all-gathers K/V over the CP group.
     cp_comm_type: str = "p2p"
@@ -27,29 +27,29 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 5000
-    seed: int = 1234
-    seq_length: int = 65536
+    steps: int = 5000  # optimizer steps of this stage (the LR schedule spans them)
+    seed: int = 1234  # seeds initialization and the data order
+    seq_length: int = 65536  # tokens per packed sequence
     global_batch_size: int = 64  # sequences per optimizer step
-    micro_batch_size: int = 1
-    precision: Literal["bf16", "fp32"] = "bf16"
-    recompute: Literal["none", "full", "selective"] = "full"
+    micro_batch_size: int = 1  # sequences per forward/backward (flattened into one packed sequence)
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16: bf16 weights and compute, fp32 master weights and grads
+    recompute: Literal["none", "full", "selective"] = "full"  # activation recomputation: full (every layer), selective (attention), none
     loss_chunk_tokens: int = 0  # > 0: LM head + cross-entropy this many local tokens at a time (bounds logits memory)
-    dist_timeout_minutes: int = 30
+    dist_timeout_minutes: int = 30  # collective timeout (long CP all-gathers at 512K need minutes)
 
 
 @dataclass
 class OptimizerConfig:
     """AdamW + linear warmup + cosine decay, ProLong's numbers (REFERENCE.md section 1)."""
 
-    lr: float = 1e-5
+    lr: float = 1e-5  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr
-    warmup_fraction: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_grad: float = 1.0
+    warmup_fraction: float = 0.1  # linear warmup from 0 over this fraction of the steps
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled weight decay
+    clip_grad: float = 1.0  # clip the global grad norm to this
 
 
 @dataclass
@@ -79,7 +79,7 @@ class LoggingConfig:
     metrics_file: str | None = None  # JSONL, one object per step
     tensorboard_dir: str | None = None  # written when tensorboard is installed
     wandb_project: str | None = None  # logged when wandb is installed
-    wandb_run_name: str | None = None
+    wandb_run_name: str | None = None  # the W&B run name (default: W&B picks one)
 
 
 @dataclass
