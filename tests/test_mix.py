@@ -97,3 +97,41 @@ def test_shipped_prolong_mixes_have_reference_weights():
     assert w2["books_512k"] == (0.05, 524288) and w2["books_64k"] == (0.25, 65536)
     short = [d.weight for d in s2.domains if d.chunk is None and d.name != "textbooks"]
     assert abs(sum(short) - 0.37) < 1e-9
+
+
+def test_exhausted_domain_loads_each_epoch_index_once_and_resumes_across_epochs(tmp_path):
+    """A domain exhausted 3 times in a run: one index load per epoch (not one per sample), and a run
+    resumed past an epoch boundary reads the same sequences as the uninterrupted run."""
+    small = DomainSpec("small", make_indexed(tmp_path / "small", [40] * 20, 5), 0.5)  # 12 sequences/epoch
+    big = DomainSpec("big", make_indexed(tmp_path / "big", [50] * 400, 6), 0.5)
+    spec = MixSpec(seq_length=64, domains=[small, big])
+    steps, gbs = 24, 4  # 48 sequences of "small": 4 epochs
+    ds = MixDataset(spec, steps * gbs, seed=3, cache_dir=str(tmp_path / "cache"))
+    per_epoch = ds.domains[0].sequences_per_epoch
+    assert per_epoch == 12
+    run = [[s.tokens.copy() for s in ds.global_batch(step, gbs)] for step in range(steps)]
+    epochs_used = -(-steps * gbs // 2 // per_epoch)
+    assert epochs_used == 4 and ds.domains[0].index_loads == epochs_used
+    assert ds.domains[1].index_loads == 1
+    resumed = MixDataset(spec, steps * gbs, seed=3, cache_dir=str(tmp_path / "cache"))
+    for step in range(7, steps):  # step 7 is in the small domain's 2nd epoch
+        got = [s.tokens for s in resumed.global_batch(step, gbs)]
+        assert all(np.array_equal(a, b) for a, b in zip(got, run[step])), step
+    assert resumed.domains[0].index_loads == 4  # epoch 0 (its size) + epochs 1, 2, 3
+
+
+def test_prefetcher_returns_each_steps_batch():
+    from megaprolong.data.prefetch import BatchPrefetcher
+
+    class Steps:
+        calls = []
+
+        def global_batch(self, step, size):
+            self.calls.append(step)
+            return [step] * size
+
+    data = Steps()
+    prefetch = BatchPrefetcher(data, 2, last_step=4)
+    got = [prefetch.get(step)[0] for step in (1, 2, 3)]  # a resumed run starts at step 1
+    prefetch.close()
+    assert got == [[1, 1], [2, 2], [3, 3]] and data.calls == [1, 2, 3]  # each read once, none past the end

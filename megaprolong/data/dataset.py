@@ -86,13 +86,17 @@ class DomainData:
         self.indexed = IndexedDataset(spec.prefix)
         self.lengths = self.indexed.sequence_lengths
         self._epochs: dict[int, PackedIndex] = {}
-        if len(self.epoch(0)) == 0:
+        self.index_loads = 0  # epoch indexes loaded or built: one per epoch when samples come in order
+        # sequences per epoch: the same every epoch (packing keeps every token, only the order changes)
+        self.sequences_per_epoch = len(self.epoch(0))
+        if self.sequences_per_epoch == 0:
             raise ValueError(f"domain {spec.name} ({spec.prefix}): {int(self.lengths.sum())} tokens make no "
                              f"sequence of {seq_length} tokens")
 
     def epoch(self, e: int) -> PackedIndex:
         if e not in self._epochs:
-            self._epochs = {e: self._load_or_build(e)}  # keep one epoch in memory
+            self.index_loads += 1
+            self._epochs = {e: self._load_or_build(e)}  # one epoch in memory: samples come in epoch order
             if e > 0:
                 log.info("domain %s: epoch %d begins (data exhausted, reshuffled)", self.spec.name, e)
         return self._epochs[e]
@@ -121,7 +125,7 @@ class DomainData:
 
     def sample(self, k: int) -> Sample:
         """The domain's k-th sequence of the run."""
-        n = len(self.epoch(0))
+        n = self.sequences_per_epoch
         segments = self.epoch(k // n).segments(k % n)
         return make_sample(segments, self._read, domain=self.id)
 

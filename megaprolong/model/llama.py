@@ -17,6 +17,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules, get_num_layers_to_build
 
+from megaprolong.config import ConfigError
 from megaprolong.model.config import ATTENTION_BACKENDS, ModelConfig
 
 
@@ -31,11 +32,11 @@ def have_transformer_engine() -> bool:
 def attention_backend(model: ModelConfig) -> str:
     """``torch`` or ``te``: ``auto`` is ``torch``; ``te`` only where TransformerEngine imports on a GPU."""
     if model.attention_backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"model.attention_backend={model.attention_backend!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+        raise ConfigError(f"model.attention_backend={model.attention_backend!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
     if model.attention_backend != "te":
         return "torch"
     if not have_transformer_engine():
-        raise ValueError("model.attention_backend=te needs TransformerEngine on a CUDA machine; it does not import "
+        raise ConfigError("model.attention_backend=te needs TransformerEngine on a CUDA machine; it does not import "
                          "here (model.attention_backend=auto runs our torch attention)")
     return "te"
 

@@ -39,7 +39,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.print(f"step {m.step:>5}/{self.total} | loss {m.loss:.4f} | grad norm {m.grad_norm:.3f} | "
-                   f"lr {m.lr:.3e} | {m.tokens_per_s:,.0f} tok/s | {m.tflops_per_gpu:.2f} TFLOPS/GPU")
+                   f"lr {m.lr:.3e} | {m.tokens_per_s:,.0f} tok/s | {m.tflops_per_gpu:.2f} TFLOPS/GPU | data {m.data_time_s:.3f} s")
         row = {k: v for k, v in asdict(m).items() if k != "domain_loss"}
         row["tokens_per_s"] = m.tokens_per_s
         row["domain_loss"] = dict(zip(self.names, m.domain_loss))

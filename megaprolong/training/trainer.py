@@ -28,6 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megaprolong.data.packing import Sample, balance_micro_batches
+from megaprolong.data.prefetch import BatchPrefetcher
 from megaprolong.model.chunked_loss import lm_head_loss
 from megaprolong.model.attention import packed_batch, select_kernel
 from megaprolong.model.context_parallel import concat_packed, split_for_context_parallel
@@ -48,9 +49,10 @@ class StepMetrics:
     grad_norm: float
     lr: float
     tokens: int  # target tokens in the global batch
-    step_time_s: float
+    step_time_s: float  # data wait + forward/backward + optimizer: what tokens/s and TFLOPS are computed from
     domain_loss: list[float] = field(default_factory=list)  # token-averaged, per domain of the mix
     tflops_per_gpu: float = 0.0  # model FLOPs, attention counted per document
+    data_time_s: float = 0.0  # waiting for this step's global batch (read in the background meanwhile)
 
     @property
     def tokens_per_s(self) -> float:
@@ -258,15 +260,16 @@ class Trainer:
         self.step += 1
         return (float(grad_norm) if grad_norm is not None else math.nan), lr
 
-    def train_step(self, global_batch: list[Sample]) -> StepMetrics:
+    def train_step(self, global_batch: list[Sample], data_time_s: float = 0.0) -> StepMetrics:
+        """One optimizer step; ``data_time_s`` (the wait for ``global_batch``) counts in the step's time."""
         start = time.perf_counter()
         reports = self.forward_backward(global_batch)
         grad_norm, lr = self.optimizer_step()
         loss, tokens, per_domain = self.global_loss(reports)
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start + data_time_s
         flops = train_step_flops(self.cfg.model, [np.diff(s.cu_seqlens) for s in global_batch])
         return StepMetrics(self.step, loss, grad_norm, lr, tokens, elapsed, per_domain,
-                           flops / elapsed / dist.get_world_size() / 1e12)
+                           flops / elapsed / dist.get_world_size() / 1e12, data_time_s)
 
     def global_loss(self, reports: list[dict]) -> tuple[float, int, list[float]]:
         """Token-averaged loss over the global batch (overall and per domain), known on every rank."""
@@ -328,9 +331,10 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
     metrics = MetricsLogger(cfg.logging, names, cfg.train.steps, enabled=dist.get_rank() == 0, print_fn=log,
                             run_info=trainer.attention)
     queue = AsyncCallsQueue() if ck.async_save else None
+    batches = BatchPrefetcher(dataset, cfg.train.global_batch_size, cfg.train.steps)
     try:
         while trainer.step < cfg.train.steps:
-            m = trainer.train_step(dataset.global_batch(trainer.step, cfg.train.global_batch_size))
+            m = trainer.train_step(*batches.get(trainer.step))
             history.append(m)
             metrics.log(m)
             if queue:
@@ -344,6 +348,7 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
                 say(f"stop requested (SIGTERM/SIGUSR1): checkpointed at step {trainer.step}, exiting")
                 break
     finally:
+        batches.close()
         if queue:
             queue.maybe_finalize_async_calls(blocking=True)  # the last save is complete before we exit
             queue.close()
