@@ -52,8 +52,8 @@ def main() -> None:
             prev = results.get((seq // 2, cp))
             growth = f"{step_mem / prev['step_mem_gb']:.2f}" if prev and prev.get("step_mem_gb", 0) > 0 else "-"
             base = results.get((seq, 1))
-            vs_mem = f"{step_mem / base['step_mem_gb']:.2f}" if base and cp > 1 and base["step_mem_gb"] > 0 else "-"
-            vs_cpu = f"{r['cpu_s_all_ranks'] / base['cpu_s_all_ranks']:.2f}" if base and cp > 1 else "-"
+            vs_mem = f"{step_mem / base['step_mem_gb']:.3f}" if base and cp > 1 and base["step_mem_gb"] > 0 else "-"
+            vs_cpu = f"{r['cpu_s_all_ranks'] / base['cpu_s_all_ranks']:.3f}" if base and cp > 1 else "-"
             print(f"{seq:>7} {cp:>3} {r['kernel']:<14} {r['step_s']:>8.2f} {rss:>17.2f} {step_mem:>15.2f} "
                   f"{growth:>15} {vs_mem:>12} {r['cpu_s_all_ranks']:>8.1f} {vs_cpu:>12}", flush=True)
 

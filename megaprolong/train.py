@@ -28,6 +28,34 @@ PATH_KEYS = ["data.mix", "data.root", "data.prefix", "data.cache_dir", "checkpoi
              "logging.metrics_file"]
 
 
+def file_problems(cfg: Config) -> list[str]:
+    """Every path of the recipe checked (datasets' .idx/.bin pairs, checkpoints to load, folders to write):
+    one line per problem. Runs before any process group, so a bad path fails at once on every rank."""
+    from megaprolong.data.check import check_checkpoint_path, check_indexed, check_writable_dir
+    from megaprolong.data.dataset import load_mix
+
+    problems, prefixes = [], []
+    if cfg.data.mix:
+        if not os.path.isfile(cfg.data.mix):
+            problems.append(f"data.mix={cfg.data.mix}: not found")
+        else:
+            prefixes = [d.prefix for d in load_mix(cfg.data.mix, cfg.data.root).domains]
+    elif cfg.data.prefix:
+        prefixes = [cfg.data.prefix]
+    if cfg.data.prepare != "tiny":  # the tiny recipes build their data on first use
+        for prefix in prefixes:
+            problems += check_indexed(prefix)
+    if cfg.data.cache_dir:
+        problems += check_writable_dir("data.cache_dir", cfg.data.cache_dir)
+    if cfg.checkpoint.load:
+        problems += check_checkpoint_path("checkpoint.load", cfg.checkpoint.load)
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        problems += check_checkpoint_path("checkpoint.resume", cfg.checkpoint.resume)
+    if cfg.checkpoint.dir:
+        problems += check_writable_dir("checkpoint.dir", cfg.checkpoint.dir)
+    return problems
+
+
 def build_dataset(cfg: Config):
     """The run's data: a mix of domains, or one dataset of short documents."""
     from megaprolong.data.dataset import MixDataset, load_mix, single_domain
@@ -65,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.data.prefix and not cfg.data.mix:
         print("megaprolong-train: set data.mix (a mix YAML) or data.prefix (an indexed dataset PREFIX)",
               file=sys.stderr)
+        return 2
+    try:
+        problems = file_problems(cfg)
+    except ConfigError as e:  # e.g. a malformed mix YAML
+        problems = [str(e)]
+    if problems:
+        for problem in problems:
+            print(f"megaprolong-train: {problem}", file=sys.stderr)
         return 2
     # Imported late: --help and config errors should not pay megatron-core's import time.
     from megaprolong.training.trainer import run

@@ -80,3 +80,57 @@ def test_bad_layout_fails_before_any_process_group(tmp_path):
                           "parallel.tp=3"], capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2
     assert "model.num_attention_heads=4 not divisible by parallel.tp=3" in out.stderr
+
+
+@pytest.fixture
+def small_dataset(tmp_path):
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = tmp_path / "d"
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for n in (300, 120, 700):
+        builder.add_document(np.arange(n, dtype=np.uint16) % 400, [n])
+    builder.finalize(f"{prefix}.idx")
+    return prefix
+
+
+def _truncate(path: Path, keep: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+
+
+@pytest.mark.parametrize("problem", ["missing_prefix", "truncated_idx", "short_bin", "missing_load"])
+def test_bad_paths_are_named_before_any_process_group(tmp_path, small_dataset, problem):
+    """One line naming the file and what was expected, exit 2. WORLD_SIZE=2 with no second rank: had the
+    check come after init_process_group, rank 0 would wait for its peer until the timeout."""
+    import os
+    import socket
+
+    overrides = ["data.mix=", "data.prepare=", f"data.prefix={small_dataset}", "train.seq_length=256"]
+    if problem == "missing_prefix":
+        overrides[2], named = f"data.prefix={tmp_path / 'nope'}", f"{tmp_path / 'nope'}: no indexed dataset"
+    elif problem == "truncated_idx":
+        _truncate(Path(f"{small_dataset}.idx"), -10)
+        named = f"{small_dataset}.idx: "
+    elif problem == "short_bin":
+        _truncate(Path(f"{small_dataset}.bin"), -2)
+        named = f"{small_dataset}.bin: "
+    else:
+        overrides.append(f"checkpoint.load={tmp_path / 'no_ckpt'}")
+        named = f"checkpoint.load={tmp_path / 'no_ckpt'}: not found"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    out = subprocess.run([script("megaprolong-train"), "--config", str(REPO / "examples/tiny_stage1.yaml"), *overrides],
+                         capture_output=True, text=True, timeout=90, env=env)
+    lines = [l for l in out.stderr.splitlines() if l.startswith("megaprolong-train:")]
+    assert out.returncode == 2 and len(lines) == 1 and named in lines[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    if problem == "truncated_idx":
+        assert "truncated" in lines[0] and "expected" in lines[0]
+        inspect = subprocess.run([script("megaprolong-preprocess"), "inspect", str(small_dataset)],
+                                 capture_output=True, text=True, timeout=60)
+        assert inspect.returncode == 2 and f"{small_dataset}.idx" in inspect.stderr
+        assert "Traceback" not in inspect.stderr

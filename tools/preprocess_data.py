@@ -46,9 +46,15 @@ def inspect_main(argv: list[str]) -> int:
                                 description="Print documents, tokens and a length histogram of indexed datasets.")
     p.add_argument("prefix", nargs="+", help="dataset prefix (PREFIX.bin / PREFIX.idx)")
     a = p.parse_args(argv)
+    from megaprolong.data.check import check_indexed
     from megaprolong.data.inspect import describe
 
     for prefix in a.prefix:
+        problems = check_indexed(prefix)
+        for problem in problems:
+            print(f"megaprolong-preprocess inspect: {problem}", file=sys.stderr)
+        if problems:
+            return 2
         try:
             print(describe(prefix))
         except (FileNotFoundError, OSError, ValueError) as e:
