@@ -1,4 +1,4 @@
-"""A real single-host Slurm (slurmctld + slurmd + munge) for the launch tests (REFERENCE.md section 7)."""
+"""A real single-host Slurm (slurmctld + slurmd + munge) for the launch tests."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from launch import torchrun
+from test_lr_schedule import prolong_lr
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -48,13 +49,17 @@ def train_args(data, ckpt, metrics, *extra):
             f"logging.metrics_file={metrics}", *extra]
 
 
-def losses(metrics):
-    """The last logged loss of every step (a resumed run logs the steps after its checkpoint again)."""
+def logged(metrics, key="loss"):
+    """The last logged value of every step (a resumed run logs the steps after its checkpoint again)."""
     out = {}
     for line in Path(metrics).read_text().splitlines():
         row = json.loads(line)
-        out[row["step"]] = row["loss"]
+        out[row["step"]] = row[key]
     return [out[s] for s in sorted(out)]
+
+
+def losses(metrics):
+    return logged(metrics, "loss")
 
 
 def launch(args):
@@ -90,6 +95,8 @@ def test_kill_9_then_resume_equals_uninterrupted(data, tmp_path, uninterrupted):
     out = torchrun("megaprolong.train", 2, *args)
     assert "resumed from" in out
     torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want, rtol=1e-6, atol=0)
+    # the schedule continues where it stopped: step s used ProLong's LR for step s - 1 (tiny recipe: peak 3e-3)
+    assert logged(tmp_path / "m.jsonl", "lr") == pytest.approx([prolong_lr(s, STEPS, 3e-3) for s in range(STEPS)])
 
 
 @pytest.mark.multirank

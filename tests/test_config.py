@@ -42,6 +42,9 @@ def test_missing_file_and_bad_override():
     (["parallel.tp=2"], 3, "world size"),
     (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel"),
     (["model.attention_backend=flash"], 1, "model.attention_backend"),
+    # megatron's scheduler would crash after validation: warmup must leave decay steps
+    (["optimizer.warmup_fraction=1.0"], 1, "optimizer.warmup_fraction"),
+    (["optimizer.warmup_fraction=0.9", "train.steps=2"], 1, "optimizer.warmup_fraction"),
     (["model.attention_kernel=dense"], 1, "model.attention_kernel"),
     # TransformerEngine runs packed sequences under CP with p2p only
     (["model.attention_backend=te", "parallel.cp=2", "parallel.cp_comm_type=a2a"], 2, "parallel.cp_comm_type"),

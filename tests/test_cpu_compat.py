@@ -53,6 +53,11 @@ def test_refuses_on_cuda_machine(monkeypatch):
 
 
 def test_device_selection_in_one_place(monkeypatch):
+    """device() follows CUDA's availability and the current device, whatever this machine has."""
     from megaprolong.runtime import device
 
-    assert device.device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert device.device() == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device.device() == torch.device("cpu")

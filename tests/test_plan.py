@@ -14,7 +14,7 @@ def test_512k_recipe_fits_8_nodes_of_h100_and_matches_prolong_throughput():
     cfg = load_config(Config, REPO / "examples" / "prolong_512k.yaml")
     own, options = plan(cfg, nodes=8, gpus_per_node=8, gpu_mem_gib=80)
     assert own.total_gib < 0.92 * 80
-    # ProLong's stage 2: 12.2K H100-hours for 20B tokens, ~0.48K tokens/s/GPU (REFERENCE.md section 3)
+    # ProLong's stage 2: 12.2K H100-hours for 20B tokens, ~0.48K tokens/s/GPU (ProLong's report)
     assert abs(own.tokens_per_s_per_gpu - 480) / 480 < 0.25
     assert options and all(o.total_gib < 0.92 * 80 and o.tp * o.pp * o.cp * o.dp == 64 for o in options)
     assert 0.1 < calibrated_mfu() < 0.6

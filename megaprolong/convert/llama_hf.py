@@ -1,6 +1,6 @@
 """HF Llama <-> megatron-core GPTModel tensors (the full, layout-free names of :mod:`megaprolong.model.state`).
 
-- ``q/k/v_proj`` are fused per KV group as ``[q_1 .. q_{heads/groups}, k, v] x groups`` (REFERENCE.md s.5);
+- ``q/k/v_proj`` are fused per KV group as ``[q_1 .. q_{heads/groups}, k, v] x groups`` (megatron's fused QKV layout);
 - ``gate_proj``/``up_proj`` become ``linear_fc1 = [gate; up]``;
 - input / post-attention norms become the layers' ``input_layernorm`` / ``pre_mlp_layernorm`` (local spec;
   in TE specs they are fused into ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``, which

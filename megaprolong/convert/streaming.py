@@ -1,6 +1,6 @@
 """megatron-core distributed checkpoints written and read a few tensors at a time.
 
-Conversion must not hold the model in memory (an 8B model on a 64 GiB CPU node, REFERENCE.md s.5). The
+Conversion must not hold the model in memory (an 8B model is 32 GB in fp32; CPU nodes often have 64 GiB). The
 model itself is built on the meta device: its sharded state dict gives every tensor's checkpoint key, global
 shape and offset (layers stacked, SwiGLU's ``[gate; up]`` split by megatron's own factory) without memory.
 

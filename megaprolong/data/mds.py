@@ -1,6 +1,6 @@
 """Read mosaicml-streaming MDS datasets (ProLong's released data) without mosaicml-streaming.
 
-mosaicml-streaming pins old transformers and numpy (REFERENCE.md section 10), so it is not a dependency;
+mosaicml-streaming pins old transformers and numpy (its releases require older transformers and numpy than ours), so it is not a dependency;
 the format is small and documented: ``index.json`` lists shards, each shard is
 ``[n: uint32][offsets: (n + 1) x uint32][samples]`` (optionally zstd-compressed as a whole), and each
 sample is ``[uint32 size of every variable-size column][column bytes ...]``. The tests read shards

@@ -1,6 +1,6 @@
 """Run megatron-core on a machine without CUDA (CPU tensors, gloo collectives).
 
-megatron-core assumes CUDA in a handful of places (REFERENCE.md section 6). So that the *same* training
+megatron-core assumes CUDA in a handful of places (listed below). So that the *same* training
 code can dry-run a recipe on a laptop and CI can test every parallel layout for real, this module patches
 exactly those places, and nothing else:
 

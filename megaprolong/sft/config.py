@@ -1,4 +1,4 @@
-"""The SFT recipe (ProLong's numbers, REFERENCE.md section 4): one dataclass tree, YAML + overrides."""
+"""The SFT recipe (ProLong's SFT numbers): one dataclass tree, YAML + overrides."""
 
 from __future__ import annotations
 

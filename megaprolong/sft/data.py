@@ -3,7 +3,7 @@ turned into packed sequences with per-conversation boundaries.
 
 A packed row is ``{"input_ids", "labels", "seq_lengths"}``; TRL's padding-free collator turns
 ``seq_lengths`` into position ids that restart per conversation, which is what makes transformers'
-attention block-diagonal (flash-attn varlen on GPU, the masked sdpa path on CPU: REFERENCE.md section 10).
+attention block-diagonal (flash-attn varlen on GPU, the masked sdpa path on CPU).
 """
 
 from __future__ import annotations

@@ -185,5 +185,5 @@ def run_sft(cfg: SFTConfig) -> Path | None:
     preempted = stop.agreed()
     out = None if preempted else _final_save(trainer, tokenizer, Path(cfg.output_dir) / "model")
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # else gloo aborts at exit (REFERENCE.md section 10)
+        torch.distributed.destroy_process_group()  # else gloo aborts the process at interpreter exit
     return out

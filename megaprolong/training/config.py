@@ -40,7 +40,7 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW + linear warmup + cosine decay, ProLong's numbers (REFERENCE.md section 1)."""
+    """AdamW + linear warmup + cosine decay, ProLong's numbers (peak 1e-5, 10% warmup, cosine to 10%)."""
 
     lr: float = 1e-5  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr
@@ -132,8 +132,11 @@ def validate(cfg: Config, world_size: int) -> None:
     if t.global_batch_size % (t.micro_batch_size * dp):
         problems.append(f"train.global_batch_size={t.global_batch_size} not divisible by "
                         f"train.micro_batch_size*data-parallel size = {t.micro_batch_size}*{dp}")
-    if not 0 <= cfg.optimizer.warmup_fraction <= 1:
-        problems.append(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction} must be in [0, 1]")
+    if not 0 <= cfg.optimizer.warmup_fraction < 1:
+        problems.append(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction} must be in [0, 1)")
+    elif t.steps >= 1 and round(cfg.optimizer.warmup_fraction * t.steps) >= t.steps:
+        problems.append(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction} leaves no decay steps of "
+                        f"train.steps={t.steps} (warmup must end before the last step)")
     if t.steps < 1:
         problems.append(f"train.steps={t.steps} must be >= 1")
     if m.attention_backend not in ATTENTION_BACKENDS:

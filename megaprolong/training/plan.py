@@ -25,7 +25,7 @@ from megaprolong.training.config import Config, validate
 from megaprolong.training.flops import forward_flops
 
 H100_BF16_PEAK = 989e12
-PROLONG_STAGE1_TOKENS_PER_GPU = 2650.0  # REFERENCE.md section 3 (2.2K H100-hours for 20B tokens)
+PROLONG_STAGE1_TOKENS_PER_GPU = 2650.0  # ProLong's report: 2.2K H100-hours for stage 1's 20B tokens
 
 
 @dataclass

@@ -4,7 +4,8 @@ One optimizer step = one global batch of ``train.global_batch_size`` sequences. 
 takes its contiguous slice and runs it as micro-batches through megatron-core's forward/backward
 schedule (1F1B over pipeline stages). The loss is the exact token average over the whole global batch:
 each micro-batch returns (sum of token losses, number of target tokens) and megatron-core divides the
-gradients by the global token count (``calculate_per_token_loss``), REFERENCE.md section 3.
+gradients by the global token count (``calculate_per_token_loss``): a per-micro-batch mean would weight
+short and long micro-batches alike, which is not the token average ProLong trains on.
 """
 
 from __future__ import annotations
@@ -77,6 +78,24 @@ def token_loss(loss_mask: torch.Tensor, domains: torch.Tensor, num_domains: int,
     return total, count, {"lm loss": report}
 
 
+def lr_scheduler(optimizer, o, steps: int) -> OptimizerParamScheduler:
+    """ProLong's schedule on megatron-core's scheduler: linear warmup from 0 over ``warmup_fraction`` of the
+    steps, then cosine from ``lr`` to ``min_lr_ratio * lr`` at the last step; constant weight decay."""
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.lr * o.min_lr_ratio,
+        lr_warmup_steps=round(o.warmup_fraction * steps),
+        lr_decay_steps=steps,
+        lr_decay_style="cosine",
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=steps,
+        wd_incr_style="constant",
+    )
+
+
 class Trainer:
     """Owns the process groups, model chunks, optimizer and LR schedule of one training run."""
 
@@ -100,7 +119,7 @@ class Trainer:
         self.tf_config = self._transformer_config()
         self.model = self._build_model_chunks()
         self.optimizer = self._build_optimizer()
-        self.scheduler = self._build_scheduler()
+        self.scheduler = lr_scheduler(self.optimizer, cfg.optimizer, cfg.train.steps)
         self.step = 0
         self.num_domains = 1  # set from the dataset's mix by run()
         self.attention = self._attention_choice()
@@ -178,22 +197,6 @@ class Trainer:
             use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
         )
         return get_megatron_optimizer(config, self.model)
-
-    def _build_scheduler(self) -> OptimizerParamScheduler:
-        o, steps = self.cfg.optimizer, self.cfg.train.steps
-        return OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=o.lr,
-            min_lr=o.lr * o.min_lr_ratio,
-            lr_warmup_steps=round(o.warmup_fraction * steps),
-            lr_decay_steps=steps,
-            lr_decay_style="cosine",
-            start_wd=o.weight_decay,
-            end_wd=o.weight_decay,
-            wd_incr_steps=steps,
-            wd_incr_style="constant",
-        )
 
     def _attention_choice(self) -> dict:
         """The attention backend and kernel this run uses (printed at start-up, in every metrics row)."""
