@@ -2,9 +2,11 @@
 
 Generates a corpus (default 200 MB) of Zipf-distributed synthetic words, trains a 50K byte-level BPE
 tokenizer on a slice of it (HF tokenizers), then runs `megaprolong-preprocess` as a separate process per
-configuration and prints wall time, tokens/s, MB/s and the process's peak RSS. Run:
+configuration and prints wall time, tokens/s, MB/s and the process's peak RSS. Every document carries a
+``repo`` key drawn uniformly from 2,000 (so every group is spread over the whole input); ``--group-by``
+also measures ``--group-by repo``, whose peak RSS should not grow with the input. Run:
 
-    .venv/bin/python benchmarks/preprocess.py [--mb 200] [--workdir DIR]
+    .venv/bin/python benchmarks/preprocess.py [--mb 200] [--workdir DIR] [--group-by]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def make_corpus(path: Path, megabytes: int, seed: int = 0) -> None:
         while written < megabytes * 1e6:
             n = int(rng.integers(50, 3000))
             ids = np.minimum(rng.zipf(1.2, size=n) - 1, len(words) - 1)
-            line = json.dumps({"text": " ".join(words[ids])}) + "\n"
+            line = json.dumps({"text": " ".join(words[ids]), "repo": f"repo{rng.integers(2000)}"}) + "\n"
             f.write(line)
             written += len(line)
     tmp.replace(path)
@@ -53,9 +55,9 @@ def make_tokenizer(corpus: Path, out: Path, vocab: int = 50000) -> Path:
     return out
 
 
-def run(name: str, corpus: Path, tokenizer: Path, prefix: Path, env_extra: dict) -> dict:
+def run(name: str, corpus: Path, tokenizer: Path, prefix: Path, env_extra: dict, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "tools.preprocess_data", "--input", str(corpus), "--tokenizer", str(tokenizer),
-           "--output-prefix", str(prefix), "--workers", str(os.cpu_count()), "--quiet"]
+           "--output-prefix", str(prefix), "--workers", str(os.cpu_count()), "--quiet", *extra]
     wall, peak = run_measured(cmd, Path(__file__).resolve().parent.parent, env_extra)
     report = json.loads(prefix.with_suffix(".json").read_text())
     mb = corpus.stat().st_size / 1e6
@@ -69,15 +71,19 @@ def main() -> None:
     ap.add_argument("--mb", type=int, nargs="+", default=[200], help="corpus sizes in MB")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "megaprolong-bench"))
     ap.add_argument("--skip-slow", action="store_true", help="only the gigatoken path")
+    ap.add_argument("--group-by", action="store_true", help="also --group-by repo (2,000 groups over the input)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for mb in args.mb:
-        corpus = work / f"corpus_{mb}mb.jsonl"
+        corpus = work / f"corpus_{mb}mb_repo.jsonl"
         make_corpus(corpus, mb)
-        tok = make_tokenizer(work / f"corpus_{args.mb[0]}mb.jsonl" if mb != args.mb[0] else corpus, work / "tok50k")
+        tok = make_tokenizer(work / f"corpus_{args.mb[0]}mb_repo.jsonl" if mb != args.mb[0] else corpus, work / "tok50k")
         rows.append(run("megaprolong (gigatoken)", corpus, tok, work / f"out_fast_{mb}", {}))
+        if args.group_by:
+            rows.append(run("megaprolong --group-by repo", corpus, tok, work / f"out_group_{mb}", {},
+                            "--group-by", "repo"))
         if not args.skip_slow:
             # Same pipeline with the fast tokenizer made unavailable: HF tokenizers' batch encoder.
             rows.append(run("megaprolong (HF tokenizers)", corpus, tok, work / f"out_hf_{mb}",

@@ -50,7 +50,13 @@ def file_problems(cfg: Config) -> list[str]:
     if cfg.checkpoint.load:
         problems += check_checkpoint_path("checkpoint.load", cfg.checkpoint.load)
     if cfg.checkpoint.resume not in ("auto", "none"):
-        problems += check_checkpoint_path("checkpoint.resume", cfg.checkpoint.resume)
+        found = check_checkpoint_path("checkpoint.resume", cfg.checkpoint.resume)
+        if not found:  # a named checkpoint must verify: sizes on every rank, checksums on rank 0 (2 MiB a file)
+            from megaprolong.training.checkpoint import verify
+
+            rank0 = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+            found = [f"checkpoint.resume={cfg.checkpoint.resume}: {p}" for p in verify(cfg.checkpoint.resume, rank0)]
+        problems += found
     if cfg.checkpoint.dir:
         problems += check_writable_dir("checkpoint.dir", cfg.checkpoint.dir)
     return problems

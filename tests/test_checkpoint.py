@@ -80,7 +80,9 @@ def wait_for(predicate, proc, timeout=120):
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
     d = tmp_path_factory.mktemp("straight")
-    torchrun("megaprolong.train", 2, *train_args(data, d / "ckpt", d / "m.jsonl", "checkpoint.interval=3"))
+    # every save portable here, so that a periodic one can be resumed under another layout (below)
+    torchrun("megaprolong.train", 2, *train_args(data, d / "ckpt", d / "m.jsonl", "checkpoint.interval=3",
+                                                 "checkpoint.optimizer_format=fully_reshardable"))
     return d, losses(d / "m.jsonl")
 
 
@@ -97,6 +99,11 @@ def test_kill_9_then_resume_equals_uninterrupted(data, tmp_path, uninterrupted):
     torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want, rtol=1e-6, atol=0)
     # the schedule continues where it stopped: step s used ProLong's LR for step s - 1 (tiny recipe: peak 3e-3)
     assert logged(tmp_path / "m.jsonl", "lr") == pytest.approx([prolong_lr(s, STEPS, 3e-3) for s in range(STEPS)])
+    # checkpoint.optimizer_format=auto: periodic saves rank-local, the stage's last one portable
+    formats = {p.name: json.loads((p / "megaprolong.json").read_text())["optimizer_format"]
+               for p in (tmp_path / "ckpt").iterdir()}
+    assert formats == {"step_00000002": "dp_reshardable", "step_00000004": "dp_reshardable",
+                       f"step_{STEPS:08d}": "fully_reshardable"}
 
 
 @pytest.mark.multirank
@@ -174,3 +181,28 @@ def test_async_checkpoints_resume_like_the_uninterrupted_run(data, tmp_path, uni
                          f"checkpoint.resume={tmp_path / 'ckpt' / 'step_00000004'}")
     assert "resumed from" in torchrun("megaprolong.train", 2, *resumed)
     torch.testing.assert_close(losses(tmp_path / "m2.jsonl"), want[4:], rtol=1e-6, atol=0)
+
+
+@pytest.mark.multirank
+def test_truncated_newest_checkpoint_is_skipped_and_named(data, tmp_path, uninterrupted):
+    """A shard of the newest checkpoint truncated after it was published (a full disk, a bad copy):
+    resume: auto names the file, resumes from the previous complete checkpoint and matches the uninterrupted
+    run; the same checkpoint named explicitly is refused before any process group."""
+    import shutil
+
+    _, want = uninterrupted
+    args = train_args(data, tmp_path / "ckpt", tmp_path / "m.jsonl", "checkpoint.interval=2")
+    torchrun("megaprolong.train", 2, *args)
+    shutil.rmtree(tmp_path / "ckpt" / f"step_{STEPS:08d}")  # as if the run had stopped after step 4
+    shard = max((tmp_path / "ckpt" / "step_00000004").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    out = torchrun("megaprolong.train", 2, *args)
+    assert f"skipping checkpoint {tmp_path / 'ckpt' / 'step_00000004'}: {shard}:" in out
+    assert "resumed from" in out and "step_00000002 at step 2" in out
+    torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want, rtol=1e-6, atol=0)
+    named = subprocess.run([sys.executable, "-m", "megaprolong.train",
+                            *train_args(data, tmp_path / "c2", tmp_path / "m2.jsonl",
+                                        f"checkpoint.resume={tmp_path / 'ckpt' / 'step_00000004'}")],
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert named.returncode == 2 and str(shard) in named.stderr and "Traceback" not in named.stderr

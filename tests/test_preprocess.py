@@ -257,3 +257,24 @@ def test_cli_writes_index_in_a_child_process(tmp_path, tiny_corpus, tiny_tokeniz
     eos = Tokenizer.from_file(str(tiny_tokenizer / "tokenizer.json")).token_to_id("<|end_of_text|>")
     assert documents(prefix) == [ids + [eos] for ids in expected_ids(tiny_tokenizer, [d["text"] for d in tiny_corpus])]
     assert sorted(p.name for p in prefix.parent.iterdir()) == ["ds.bin", "ds.idx", "ds.json"]
+
+
+def test_group_by_spills_to_disk_and_equals_the_in_memory_grouping(tmp_path, tiny_tokenizer, monkeypatch):
+    """Groups spread over the whole input, spilled into several buckets: the same documents as joining
+    each key's texts in input order, groups in order of first appearance; no spill file is left."""
+    import random
+
+    from megaprolong.data import grouping
+
+    rng = random.Random(0)
+    docs = [{"text": f"doc {i} " + "x" * rng.randint(0, 40), "repo": f"r{rng.randint(0, 60)}"} for i in range(600)]
+    src = write_jsonl(docs, tmp_path / "in.jsonl")
+    reference: dict[str, list[str]] = {}
+    for d in docs:
+        reference.setdefault(d["repo"], []).append(d["text"])
+    want = expected_ids(tiny_tokenizer, ["\n#\n".join(texts) for texts in reference.values()])
+    monkeypatch.setattr(grouping, "BUCKET_TARGET_BYTES", 1000)  # ~30 KB of input: many buckets
+    assert grouping.bucket_count(src.stat().st_size) > 8
+    prefix, _ = run(tmp_path, tiny_tokenizer, [src], group_by="repo", group_separator="\n#\n")
+    assert documents(prefix) == want
+    assert not list(tmp_path.rglob("*.groups*")), "spill folder left behind"

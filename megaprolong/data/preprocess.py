@@ -1,7 +1,7 @@
 """Raw text (or ProLong's MDS shards) to a Megatron indexed dataset, one sequence per document.
 
 - Streaming: documents are read, tokenized in batches and appended to the output; memory stays bounded
-  whatever the input size (``--group-by`` holds one group's text per key until the end, by its nature).
+  whatever the input size (``--group-by`` spills records to disk by key and joins one bucket at a time).
 - Exact: token ids equal HF ``tokenizers``' ``encode(text, add_special_tokens=False)``. gigatoken, much
   faster, is used when installed and only after it agreed with ``tokenizers`` on a sample of the input;
   otherwise (or on disagreement, said on stderr; or with MEGAPROLONG_DISABLE_FAST_TOKENIZER=1)
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from megaprolong.data.grouping import bucket_count, grouped
 from megaprolong.data.mds import is_mds, read_mds, split_documents
 from megaprolong.data.readers import DataError, read_records
 
@@ -217,17 +218,16 @@ def _texts(cfg: PreprocessConfig, path: str, stats: Stats) -> Iterator[tuple[str
 
 def _text_batches(cfg: PreprocessConfig, stats: Stats) -> Iterator[list[tuple[str, str]]]:
     """Batches of ~BATCH_BYTES of (where, text), documents in input order (groups: first appearance)."""
-    groups: dict[str, list[str]] = {}
-
     def flat():
-        for path in cfg.inputs:
-            for where, item in _texts(cfg, path, stats):
-                if cfg.group_by is None:
-                    yield where, item
-                else:
-                    groups.setdefault(item[0], []).append(item[1])
-        for key, texts in groups.items():
-            yield f"group {key}", cfg.group_separator.join(texts)
+        records = ((where, item) for path in cfg.inputs for where, item in _texts(cfg, path, stats))
+        if cfg.group_by is None:
+            yield from records
+            return
+        prefix = Path(cfg.output_prefix)
+        spill = prefix.with_name(f".{prefix.name}.groups{os.getpid()}")  # removed when done, also on errors
+        buckets = bucket_count(sum(os.path.getsize(p) for p in cfg.inputs))
+        for key, text in grouped((item for _, item in records), cfg.group_separator, spill, buckets):
+            yield f"group {key}", text
 
     batch, size = [], 0
     for where, text in flat():

@@ -5,10 +5,12 @@ Layout: ``DIR/step_00001234/`` holds the sharded model and optimizer state plus 
 ``step_N.tmp`` and renamed only after every rank finished and the metadata is in place, so an interrupted
 save is never picked by ``--resume auto``.
 
-Weights are saved reshardable (they load under any TP/PP/CP/DP layout). Optimizer state is saved
-``fully_reshardable`` by default (it loads under any layout, e.g. a 64K stage's into the 512K stage's), or
-``dp_reshardable`` (``checkpoint.optimizer_format``: faster to save, loads only under the same TP/PP/VPP;
-elsewhere the optimizer state starts fresh, which the log says).
+Weights are saved reshardable (they load under any TP/PP/CP/DP layout). Optimizer state
+(``checkpoint.optimizer_format=auto``): periodic and preemption saves are ``dp_reshardable``, rank-local
+(each rank writes its own shard, nothing is gathered; they resume under the same TP/PP/VPP, any DP), and the
+stage's last save is ``fully_reshardable`` (megatron gathers the optimizer state of a TP x PP shard onto
+each data-parallel rank, once per stage) so that the next stage loads weights and Adam state under its own
+layout. Loading a ``dp_reshardable`` checkpoint under another TP/PP gives weights only, which the log says.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megaprolong.config import ConfigError
 from megaprolong.model.state import unwrap_model
+from megaprolong.training import manifest
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _META = "megaprolong.json"
@@ -39,6 +42,27 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / _META).exists()]
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def verify(path: str | Path, checksums: bool = True) -> list[str]:
+    """Problems of the checkpoint at ``path`` (unreadable metadata, a file missing, truncated or changed
+    since it was saved), one line each; empty when it verifies."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / _META).read_text())
+    except (OSError, ValueError) as e:
+        return [f"{path / _META}: unreadable ({e})"]
+    return manifest.problems(path, meta.get("files"), checksums)
+
+
+def newest_verified(root: str | Path, say) -> Path | None:
+    """The newest complete checkpoint under ``root`` that verifies; each one skipped is said, with why."""
+    for path in reversed(complete_checkpoints(root)):
+        found = verify(path)
+        if not found:
+            return path
+        say(f"skipping checkpoint {path}: {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""))
+    return None
 
 
 def _sharded_state(trainer, is_loading: bool, optimizer_format: str | None) -> dict:
@@ -125,8 +149,16 @@ def _restore_adam_step(optimizer) -> None:
                                                  device=state["step"].device)
 
 
-def save(trainer, root: str | Path, keep: int | None = None, queue=None) -> Path:
-    """Save model, optimizer, schedule and RNG at ``trainer.step``; collective over all ranks.
+def save_format(configured: str, portable: bool) -> str:
+    """The optimizer format of a save: ``auto`` is rank-local unless the save must be ``portable``."""
+    if configured != "auto":
+        return configured
+    return "fully_reshardable" if portable else "dp_reshardable"
+
+
+def save(trainer, root: str | Path, keep: int | None = None, queue=None, portable: bool = False) -> Path:
+    """Save model, optimizer, schedule and RNG at ``trainer.step``; collective over all ranks. ``portable``:
+    loadable with its optimizer state under another TP/PP (see :func:`save_format`).
 
     With ``queue`` (a megatron ``AsyncCallsQueue``) the sharded state is written by a background process
     while training goes on; the checkpoint is published (metadata written, renamed) when the queue
@@ -138,7 +170,7 @@ def save(trainer, root: str | Path, keep: int | None = None, queue=None) -> Path
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    fmt = trainer.cfg.checkpoint.optimizer_format
+    fmt = save_format(trainer.cfg.checkpoint.optimizer_format, portable)
     state = _sharded_state(trainer, is_loading=False, optimizer_format=fmt)
     torch.save(_rng_state(), tmp / f"rng_rank{dist.get_rank():05d}.pt")
     meta = {"step": trainer.step, "scheduler": trainer.scheduler.state_dict(),
@@ -147,7 +179,8 @@ def save(trainer, root: str | Path, keep: int | None = None, queue=None) -> Path
 
     def publish():
         dist.barrier()  # every rank's shards are written
-        if dist.get_rank() == 0:
+        if dist.get_rank() == 0:  # the record of every file, then the metadata that marks it complete
+            meta["files"] = manifest.record(tmp, exclude=(_META,))
             (tmp / _META).write_text(json.dumps(meta, indent=2, default=str))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)

@@ -293,8 +293,10 @@ def _start(trainer: Trainer, log) -> None:
     ck = trainer.cfg.checkpoint
     resume_from = None
     if ck.resume == "auto" and ck.dir:
-        found = checkpoint.complete_checkpoints(ck.dir)
-        resume_from = found[-1] if found else None
+        # rank 0 reads the records and decides; every rank resumes from the same one
+        choice = [checkpoint.newest_verified(ck.dir, log) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(choice, src=0)
+        resume_from = choice[0]
     elif ck.resume not in ("auto", "none"):
         resume_from = ck.resume
     if resume_from is not None:
@@ -313,8 +315,8 @@ def _optimizer_note(meta: dict) -> str:
     if meta.get("weights_only"):
         return f", weights only (converted from {meta.get('source', 'another format')})"
     return (f", weights only: the checkpoint's layout {meta.get('layout')} differs in TP/PP and its optimizer "
-            f"state was saved dp_reshardable, so it starts fresh (checkpoint.optimizer_format=fully_reshardable "
-            f"carries it across layouts)")
+            f"state was saved dp_reshardable (a periodic save), so it starts fresh (a stage's last checkpoint, or "
+            f"checkpoint.optimizer_format=fully_reshardable, carries it across layouts)")
 
 
 def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
@@ -345,7 +347,9 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
             stopping = stop.agreed()
             due = ck.interval and trainer.step % ck.interval == 0
             if ck.dir and (due or stopping or trainer.step == cfg.train.steps):
-                path = checkpoint.save(trainer, ck.dir, keep=ck.keep, queue=queue)
+                # the stage's last checkpoint is the next stage's start: portable across layouts
+                path = checkpoint.save(trainer, ck.dir, keep=ck.keep, queue=queue,
+                                       portable=trainer.step == cfg.train.steps)
                 say(f"{'saving' if queue else 'saved'} {path}")
             if stopping:
                 say(f"stop requested (SIGTERM/SIGUSR1): checkpointed at step {trainer.step}, exiting")

@@ -1,0 +1,119 @@
+"""Per-rank peak host memory and time of a checkpoint save and load, per optimizer format, on CPU ranks.
+
+A model large enough that its state dominates (default ~0.2B parameters, fp32) trains one step under
+``--nproc`` ranks (DP, or DP x TP with ``parallel.tp=2``) with the distributed optimizer; then every format
+saves and loads the same state. "peak above" is each rank's peak RSS during the call minus its RSS before
+(the kernel's high-water mark is reset first through /proc/self/clear_refs), the largest over ranks;
+"shard" is what the rank holds of model + grads + optimizer state.
+
+    .venv/bin/python benchmarks/checkpoint_memory.py [--nproc 4] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = ["model.num_layers=8", "model.hidden_size=1024", "model.ffn_hidden_size=4096", "model.num_attention_heads=8",
+         "model.num_query_groups=8", "model.vocab_size=32000", "train.seq_length=256", "train.precision=fp32",
+         "train.recompute=none", "train.steps=1", "train.micro_batch_size=1"]
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _measured(fn) -> tuple[float, int]:
+    """(seconds, peak RSS above the RSS before) of ``fn()``."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    before, start = _status("VmRSS:"), time.perf_counter()
+    fn()
+    return time.perf_counter() - start, _status("VmHWM:") - before
+
+
+def worker(out_dir: str, overrides: list[str]) -> None:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from train_throughput import synthetic_batch
+
+    from megaprolong.config import load_config
+    from megaprolong.training import checkpoint
+    from megaprolong.training.config import Config
+    from megaprolong.training.trainer import Trainer
+
+    cfg = load_config(Config, None, MODEL + overrides)
+    world = int(os.environ["WORLD_SIZE"])
+    cfg.train.global_batch_size = cfg.parallel.dp(world)
+    trainer = Trainer(cfg)
+    trainer.train_step(synthetic_batch(trainer.dp_size, cfg.train.seq_length, cfg.model.vocab_size, 64,
+                                       np.random.default_rng(0)))
+    model_bytes = sum(p.numel() * p.element_size() * 2 for c in trainer.model for p in c.parameters())  # + grads
+    opt_bytes = sum(t.numel() * t.element_size() for opt in getattr(trainer.optimizer, "chained_optimizers",
+                                                                      [trainer.optimizer])
+                    for state in opt.optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+    rows = {}
+    for fmt in ("dp_reshardable", "fully_reshardable"):
+        cfg.checkpoint.optimizer_format = fmt
+        root = Path(out_dir) / fmt
+        save_s, save_peak = _measured(lambda: checkpoint.save(trainer, root))
+        path = checkpoint.complete_checkpoints(root)[-1]
+        load_s, load_peak = _measured(lambda: checkpoint.load(trainer, path, resume=True))
+        stats = torch.tensor([save_s, save_peak, load_s, load_peak], dtype=torch.float64)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        rows[fmt] = stats.tolist()
+    shard = torch.tensor([model_bytes + opt_bytes], dtype=torch.float64)
+    dist.all_reduce(shard, op=dist.ReduceOp.MAX)
+    if dist.get_rank() == 0:
+        print(json.dumps({"rows": rows, "shard_bytes": shard.item(), "world": world,
+                          "layout": f"tp{cfg.parallel.tp} dp{trainer.dp_size}"}))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nproc", type=int, default=4)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.tp=2")
+    a = ap.parse_args()
+    if a.worker:
+        worker(a.worker, a.overrides)
+        return
+    out = tempfile.mkdtemp(prefix="ckpt-bench-")
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
+               __file__, "--worker", out, *a.overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    gib = 2**30
+    print(f"{r['world']} CPU ranks, {r['layout']}; per-rank model + grads + optimizer shard "
+          f"{r['shard_bytes'] / gib:.2f} GiB (largest rank)")
+    print(f"{'optimizer format':<20} {'save s':>8} {'save peak above GiB':>20} {'x shard':>8} "
+          f"{'load s':>8} {'load peak above GiB':>20} {'x shard':>8}")
+    for fmt, (save_s, save_peak, load_s, load_peak) in r["rows"].items():
+        print(f"{fmt:<20} {save_s:>8.2f} {save_peak / gib:>20.2f} {save_peak / r['shard_bytes']:>8.2f} "
+              f"{load_s:>8.2f} {load_peak / gib:>20.2f} {load_peak / r['shard_bytes']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
