@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megaprolong-train: {problem}", file=sys.stderr)
         return 2
     # Imported late: --help and config errors should not pay megatron-core's import time.
+    from megaprolong.runtime.attempts import RepeatedFailure
     from megaprolong.training.trainer import run
 
     try:
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"megaprolong-train: {e}", file=sys.stderr)
         return 2
+    except RepeatedFailure as e:
+        print(f"megaprolong-train: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

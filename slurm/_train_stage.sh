@@ -11,6 +11,7 @@ INIT_CKPT=${INIT_CKPT:-}
 [ -z "$DATA_ROOT" ] || [ -d "$DATA_ROOT" ] || fail "data not found: DATA_ROOT=$DATA_ROOT"
 [ -z "$INIT_CKPT" ] || [ -e "$INIT_CKPT" ] || fail "checkpoint not found: INIT_CKPT=$INIT_CKPT"
 mkdir -p "$CKPT_DIR"
+PROGRESS_DIR=$CKPT_DIR
 echo "recipe $RECIPE, checkpoints $CKPT_DIR"
 
 args=(--config "$RECIPE" "checkpoint.dir=$CKPT_DIR" checkpoint.resume=auto)

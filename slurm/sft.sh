@@ -29,6 +29,7 @@ OUT_DIR=${OUT_DIR:-$REPO/runs/${SLURM_JOB_NAME:-prolong-sft}}
 [ -z "$SFT_DATA" ] || [ -e "$SFT_DATA" ] || fail "SFT data not found: SFT_DATA=$SFT_DATA"
 [ -z "$SFT_MDS" ] || [ -e "$SFT_MDS" ] || fail "SFT shards not found: SFT_MDS=$SFT_MDS"
 mkdir -p "$OUT_DIR"
+PROGRESS_DIR=$OUT_DIR  # where megaprolong-sft records the step it is at (repeated failures stop the job)
 
 args=(--config "$RECIPE" "output_dir=$OUT_DIR")
 [ -n "$MODEL" ] && args+=("model=$MODEL")

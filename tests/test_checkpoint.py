@@ -206,3 +206,70 @@ def test_truncated_newest_checkpoint_is_skipped_and_named(data, tmp_path, uninte
                                         f"checkpoint.resume={tmp_path / 'ckpt' / 'step_00000004'}")],
                            capture_output=True, text=True, timeout=120, cwd=REPO)
     assert named.returncode == 2 and str(shard) in named.stderr and "Traceback" not in named.stderr
+
+
+def launch_elastic(args, max_restarts=1):
+    """torchrun with in-job restarts (c10d rendezvous), 2 ranks, in its own process group."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           f"--max-restarts={max_restarts}", "-m", "megaprolong.train", *args]
+    return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def kill_one_worker(agent: subprocess.Popen) -> list[int]:
+    """kill -9 one training worker (a child of torchrun's agent); returns its pid and its children's."""
+    worker = psutil.Process(agent.pid).children()[-1]
+    victims = [worker.pid] + [c.pid for c in worker.children(recursive=True)]
+    worker.kill()
+    return victims
+
+
+def progress(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / "progress.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@pytest.mark.multirank
+def test_dead_worker_restarts_in_job_and_leaves_no_process(data, tmp_path, uninterrupted):
+    """torchrun --max-restarts 1: one worker killed (kill -9) after the step-2 checkpoint; the restarted
+    workers resume from it and finish with the uninterrupted run's losses; nothing the dead worker started
+    (megatron's checkpoint-queue manager) survives it."""
+    _, want = uninterrupted
+    args = train_args(data, tmp_path / "ckpt", tmp_path / "m.jsonl", "checkpoint.interval=2")
+    agent = launch_elastic(args)
+    wait_for(lambda: (tmp_path / "ckpt" / "step_00000002" / "megaprolong.json").exists(), agent)
+    victims = kill_one_worker(agent)
+    out, _ = agent.communicate(timeout=240)
+    assert agent.returncode == 0, out[-3000:]
+    assert "resumed from" in out and "step_00000002" in out
+    torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want, rtol=1e-6, atol=0)
+    time.sleep(1)
+    alive = [p for p in victims if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"processes of the killed worker still alive: {alive}"
+
+
+@pytest.mark.multirank
+def test_failure_repeating_at_the_same_step_stops_with_the_step(data, tmp_path):
+    """A worker dies at the same step in two attempts in a row: the run stops, naming the step, instead of
+    restarting (torchrun's restarts spent; the launcher's check and a new launch both refuse)."""
+    ckpt = tmp_path / "ckpt"
+    # a slower model than the tiny recipe's, so a step lasts long enough to be killed inside it
+    args = train_args(data, ckpt, tmp_path / "m.jsonl", "checkpoint.interval=2", "train.steps=8",
+                      "model.num_layers=8", "model.hidden_size=512", "model.ffn_hidden_size=2048")
+    agent = launch_elastic(args)
+    # step 3 in the first attempt, then again in the restarted one (resumed from step 2's checkpoint)
+    for failed_before in (None, 3):
+        wait_for(lambda: progress(ckpt).get("step") == 3 and progress(ckpt).get("failed_before") == failed_before,
+                 agent, timeout=180)
+        kill_one_worker(agent)
+    out, _ = agent.communicate(timeout=240)
+    assert agent.returncode != 0, out[-3000:]
+    check = subprocess.run([sys.executable, "-m", "megaprolong.runtime.attempts", str(ckpt)], capture_output=True,
+                           text=True, cwd=REPO)
+    assert check.returncode == 1 and "step 3 failed in two attempts" in check.stdout
+    one_rank = [*args, "parallel.tp=1", "parallel.sequence_parallel=false"]
+    again = subprocess.run([sys.executable, "-m", "megaprolong.train", *one_rank], capture_output=True, text=True,
+                           timeout=180, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert again.returncode == 3 and "step 3 failed in two attempts" in again.stderr, again.stderr[-2000:]

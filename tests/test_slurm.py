@@ -25,12 +25,12 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def submit(cluster, tmp_path, steps, name):
+def submit(cluster, tmp_path, steps, name, extra="", **settings):
     env = {"REPO": str(REPO), "RECIPE": str(REPO / "examples" / "tiny_stage1.yaml"), "GPUS_PER_NODE": "2",
            "PYTHON": sys.executable, "CKPT_DIR": str(tmp_path / "ckpt"), "DATA_ROOT": str(tmp_path / "data"),
            "MASTER_PORT": "29611",
-           "EXTRA_ARGS": f"train.steps={steps} logging.metrics_file={tmp_path / 'metrics.jsonl'}"}
-    (tmp_path / "data").mkdir(exist_ok=True)
+           "EXTRA_ARGS": f"train.steps={steps} logging.metrics_file={tmp_path / 'metrics.jsonl'} {extra}", **settings}
+    (tmp_path / "data").mkdir(parents=True, exist_ok=True)
     log = tmp_path / "job.log"
     job = cluster.sbatch(str(REPO / "slurm" / "prolong_512k.sh"), f"--job-name={name}", "--nodes=1",
                          "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}", f"--chdir={REPO}", env=env)
@@ -72,6 +72,77 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
     rows = metrics(tmp_path)
     assert rows[-1]["step"] == steps
     assert sorted({r["step"] for r in rows}) == list(range(1, steps + 1))
+
+
+def kill_one_worker_at(ckpt, record, job, cluster, log):
+    """kill -9 one training worker once the run's progress record equals ``record``."""
+    import psutil
+
+    deadline = time.time() + 240
+    while True:
+        try:
+            now = json.loads((ckpt / "progress.json").read_text())
+        except (OSError, ValueError):
+            now = {}
+        if all(now.get(k) == v for k, v in record.items()):
+            break
+        assert time.time() < deadline and cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
+            log.read_text(errors="replace")[-3000:] if log.exists() else "no log"
+        time.sleep(0.05)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "-u -m megaprolong.train" in " ".join(p.info["cmdline"] or [])
+               and str(ckpt) in " ".join(p.info["cmdline"] or [])]
+    workers[-1].kill()
+
+
+# a slower model than the tiny recipe's, so that a step lasts long enough to be killed inside it
+SLOW = "checkpoint.interval=2 model.num_layers=8 model.hidden_size=512 model.ffn_hidden_size=2048"
+
+
+def test_dead_worker_restarts_in_the_job_then_a_repeated_failure_stops_it(cluster, tmp_path):
+    """kill -9 of one worker: torchrun restarts the workers within the job, which resume and finish every
+    step; with MAX_RESTARTS=1, a worker dying at the same step twice stops the job, naming the step."""
+    job, log = submit(cluster, tmp_path / "a", 6, "tiny-dead-worker", SLOW, MAX_RESTARTS="1")
+    kill_one_worker_at(tmp_path / "a" / "ckpt", {"step": 4}, job, cluster, log)
+    assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
+    text = log.read_text(errors="replace")
+    assert "resumed from" in text and "requeueing" not in text
+    assert sorted({r["step"] for r in metrics(tmp_path / "a")}) == list(range(1, 7))
+
+    job, log = submit(cluster, tmp_path / "b", 6, "tiny-repeated-failure", SLOW, MAX_RESTARTS="1")
+    for failed_before in (None, 3):
+        kill_one_worker_at(tmp_path / "b" / "ckpt", {"step": 3, "failed_before": failed_before}, job, cluster, log)
+    assert cluster.wait(job, timeout=400) == "FAILED", log.read_text(errors="replace")[-3000:]
+    text = log.read_text(errors="replace")
+    assert "step 3 failed in two attempts in a row" in text and "requeueing" not in text
+
+
+def test_sft_dead_worker_restarts_in_the_job(cluster, tmp_path, tiny_chat_model):
+    """`sbatch slurm/sft.sh`: one SFT worker killed (kill -9) mid-run; torchrun restarts the workers within
+    the job, they resume from the newest checkpoint and the job finishes every step."""
+    from megaprolong.data.tiny import synthetic_chats, write_jsonl
+
+    chats = write_jsonl(synthetic_chats(100, seed=2), tmp_path / "chats.jsonl")
+    out, steps = tmp_path / "sft", 40
+    env = {"REPO": str(REPO), "RECIPE": str(REPO / "examples" / "tiny_sft.yaml"), "MODEL": str(tiny_chat_model),
+           "SFT_DATA": str(chats), "OUT_DIR": str(out), "GPUS_PER_NODE": "2", "PYTHON": sys.executable,
+           "MASTER_PORT": "29613", "MAX_RESTARTS": "1", "EXTRA_ARGS": f"train.steps={steps} train.save_steps=5"}
+    log = tmp_path / "sft.log"
+    job = cluster.sbatch(str(REPO / "slurm" / "sft.sh"), "--job-name=tiny-sft-dead", "--nodes=1",
+                         "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}", f"--chdir={REPO}", env=env)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "checkpoint-10").exists():
+        assert time.time() < deadline and cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
+            log.read_text(errors="replace")[-3000:] if log.exists() else "no log"
+        time.sleep(0.1)
+    import psutil
+
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "-u -m megaprolong.sft" in " ".join(p.info["cmdline"] or [])
+               and str(out) in " ".join(p.info["cmdline"] or [])]
+    workers[-1].kill()
+    assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
+    text = log.read_text(errors="replace")
+    assert "resuming from" in text and "requeueing" not in text and "fine-tuned model ->" in text
+    assert sorted({r["step"] for r in metrics(out)}) == list(range(1, steps + 1))
 
 
 def test_sft_job_preempts_requeues_resumes_then_eval_job_scores_the_model(cluster, tmp_path, tiny_chat_model):

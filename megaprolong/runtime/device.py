@@ -47,12 +47,18 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     if has_cuda():
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(
-        backend="nccl" if has_cuda() else "gloo",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
+    init_process_group_per_attempt("nccl" if has_cuda() else "gloo", rank, world,
+                                   datetime.timedelta(minutes=timeout_minutes))
+
+
+def init_process_group_per_attempt(backend: str, rank: int, world: int, timeout: datetime.timedelta) -> None:
+    """``init_process_group`` from the launcher's environment, its store keys private to this attempt:
+    torchrun's c10d rendezvous store outlives a restart of the workers, and without a prefix the restarted
+    ranks read the dead ranks' addresses (gloo: "connectFullMesh failed ... Connection refused")."""
+    store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"megaprolong/attempt_{attempt}", store),
+                            rank=rank, world_size=world, timeout=timeout)
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megaprolong-sft: {e}", file=sys.stderr)
         return 2
     from megaprolong.data.readers import DataError
+    from megaprolong.runtime.attempts import RepeatedFailure
     from megaprolong.sft.run import run_sft
 
     try:
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError) as e:
         print(f"megaprolong-sft: {e}", file=sys.stderr)
         return 2
+    except RepeatedFailure as e:
+        print(f"megaprolong-sft: {e}", file=sys.stderr)
+        return 3
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"megaprolong-sft: fine-tuned model -> {out}" if out else
               "megaprolong-sft: stop requested (SIGTERM/SIGUSR1): checkpointed, exiting; a rerun resumes")

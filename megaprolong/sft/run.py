@@ -72,6 +72,37 @@ def _preemption_callback(stop: Any) -> Any:
     return Preemption()
 
 
+def _attempt_callback(attempt: Any) -> Any:
+    """Records the step each attempt is at (a failure repeating at the same step stops the run)."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            attempt.step_starts(state.global_step + 1)
+
+    return Progress()
+
+
+def _this_attempt(folder: Path) -> Any:
+    """Rank 0's record of this attempt, checked before any work; every rank stops on a repeated failure."""
+    import torch.distributed as dist
+
+    from megaprolong.runtime.attempts import Attempt, RepeatedFailure
+
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    reason, attempt = [None], Attempt(None, enabled=False)
+    if rank0:
+        try:
+            attempt = Attempt(folder, enabled=True)
+        except RepeatedFailure as e:
+            reason = [str(e)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(reason, src=0)
+    if reason[0]:
+        raise RepeatedFailure(reason[0])
+    return attempt
+
+
 def training_arguments(cfg: SFTConfig, world_size: int, cuda: bool) -> Any:
     """TRL's SFTConfig for the recipe: padding-free batches of our pre-packed rows."""
     import trl
@@ -154,7 +185,15 @@ def run_sft(cfg: SFTConfig) -> Path | None:
     if cfg.logging.wandb_project:
         os.environ.setdefault("WANDB_PROJECT", cfg.logging.wandb_project)
     cuda = torch.cuda.is_available()
-    args = training_arguments(cfg, world_size, cuda)  # starts the process group under torchrun/srun
+    if world_size > 1 and not torch.distributed.is_initialized():  # transformers then uses this group
+        import datetime
+
+        from megaprolong.runtime.device import init_process_group_per_attempt
+
+        init_process_group_per_attempt("nccl" if cuda else "gloo", int(os.environ.get("RANK", 0)), world_size,
+                                       datetime.timedelta(minutes=30))
+    attempt = _this_attempt(Path(cfg.output_dir))
+    args = training_arguments(cfg, world_size, cuda)
     transformers.set_seed(cfg.train.seed)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model))
     with args.main_process_first(local=True, desc="SFT data"):
@@ -178,10 +217,15 @@ def run_sft(cfg: SFTConfig) -> Path | None:
     metrics = _MetricsFile(Path(cfg.logging.metrics_file or Path(cfg.output_dir) / "metrics.jsonl"), fresh=last is None)
     stop = StopRequest()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[metrics.callback, _preemption_callback(stop)])
+                         callbacks=[metrics.callback, _preemption_callback(stop), _attempt_callback(attempt)])
     if last and args.process_index == 0:
         print(f"megaprolong-sft: resuming from {last}", flush=True)
-    trainer.train(resume_from_checkpoint=last)
+    try:
+        trainer.train(resume_from_checkpoint=last)
+    except BaseException as e:
+        attempt.failed(trainer.state.global_step + 1, e)
+        raise
+    attempt.ended()
     preempted = stop.agreed()
     out = None if preempted else _final_save(trainer, tokenizer, Path(cfg.output_dir) / "model")
     if torch.distributed.is_initialized():

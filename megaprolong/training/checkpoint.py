@@ -29,6 +29,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megaprolong.config import ConfigError
 from megaprolong.model.state import unwrap_model
+from megaprolong.runtime.mcore_fixes import checkpoint_results_queue_dies_with_worker
 from megaprolong.training import manifest
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -163,6 +164,7 @@ def save(trainer, root: str | Path, keep: int | None = None, queue=None, portabl
     With ``queue`` (a megatron ``AsyncCallsQueue``) the sharded state is written by a background process
     while training goes on; the checkpoint is published (metadata written, renamed) when the queue
     finalizes it (``queue.maybe_finalize_async_calls``, collective), so an unfinished one is never picked."""
+    checkpoint_results_queue_dies_with_worker()
     root = Path(root)
     final = root / f"step_{trainer.step:08d}"
     tmp = root / f"step_{trainer.step:08d}.tmp"

@@ -35,6 +35,7 @@ from megaprolong.model.attention import packed_batch, select_kernel
 from megaprolong.model.context_parallel import concat_packed, split_for_context_parallel
 from megaprolong.model.llama import attention_backend, build_model, transformer_config
 from megaprolong.model.state import unwrap_model
+from megaprolong.runtime.attempts import Attempt, RepeatedFailure
 from megaprolong.runtime.device import device, init_distributed, local_rank_zero_first
 from megaprolong.runtime.preemption import StopRequest
 from megaprolong.training import checkpoint
@@ -319,6 +320,21 @@ def _optimizer_note(meta: dict) -> str:
             f"checkpoint.optimizer_format=fully_reshardable, carries it across layouts)")
 
 
+def _this_attempt(folder: str | None) -> Attempt:
+    """Rank 0's record of this attempt; every rank stops if the previous two died at the same step."""
+    reason = [None]
+    attempt = Attempt(None, enabled=False)
+    if dist.get_rank() == 0:
+        try:
+            attempt = Attempt(folder, enabled=True)
+        except RepeatedFailure as e:
+            reason = [str(e)]
+    dist.broadcast_object_list(reason, src=0)
+    if reason[0]:
+        raise RepeatedFailure(reason[0])
+    return attempt
+
+
 def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
     """Train ``cfg.train.steps`` steps on ``make_dataset()`` (anything with ``global_batch(step, size)``),
     built by one rank per node first so its on-disk index cache is built once per node."""
@@ -329,9 +345,10 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
     trainer.num_domains = len(names)
     say = log if dist.get_rank() == 0 else (lambda *_: None)
     say(f"attention: backend {trainer.attention['attention_backend']}, kernel {trainer.attention['attention_kernel']}")
+    ck = cfg.checkpoint
+    attempt = _this_attempt(ck.dir)
     _start(trainer, say)
     stop = StopRequest()
-    ck = cfg.checkpoint
     history = []
     metrics = MetricsLogger(cfg.logging, names, cfg.train.steps, enabled=dist.get_rank() == 0, print_fn=log,
                             run_info=trainer.attention)
@@ -339,6 +356,7 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
     batches = BatchPrefetcher(dataset, cfg.train.global_batch_size, cfg.train.steps)
     try:
         while trainer.step < cfg.train.steps:
+            attempt.step_starts(trainer.step + 1)
             m = trainer.train_step(*batches.get(trainer.step))
             history.append(m)
             metrics.log(m)
@@ -354,6 +372,10 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
             if stopping:
                 say(f"stop requested (SIGTERM/SIGUSR1): checkpointed at step {trainer.step}, exiting")
                 break
+        attempt.ended()
+    except BaseException as e:  # recorded, so that the same failure at the same step is not retried forever
+        attempt.failed(trainer.step + 1, e)
+        raise
     finally:
         batches.close()
         if queue:

@@ -1,0 +1,35 @@
+"""Workarounds for megatron-core behaviours that hurt long runs, in one place, each with the version it
+was found in (remove one when the pinned megatron-core no longer needs it)."""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import signal
+import sys
+from multiprocessing.managers import SyncManager
+
+_managers: list[SyncManager] = []  # kept alive: a collected manager shuts its process down
+
+
+def _die_with_parent() -> None:
+    """In a child process: receive SIGKILL when the parent dies, however it dies (Linux prctl)."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def checkpoint_results_queue_dies_with_worker() -> None:
+    """megatron-core 0.19.2: ``dist_checkpointing.strategies.filesystem_async.get_write_results_queue``
+    starts a ``spawn`` multiprocessing Manager on the first save, a server process that re-imports the
+    training entry point (~0.6 GB) and outlives its worker when the worker is killed (SIGKILL, an OOM, a
+    GPU error), orphaned, holding memory (and on GPUs a CUDA context). Give megatron that queue from a
+    Manager whose process dies with the worker."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_die_with_parent)
+    _managers.append(manager)
+    filesystem_async._results_queue = manager.Queue()
