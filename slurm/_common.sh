@@ -63,7 +63,9 @@ run_torchrun() {
   fi
   [ "$status" = 0 ] && exit 0
   local why="" verdict=0  # the helper is standard-library Python: it runs on the batch host, container or not
-  [ -n "$PROGRESS_DIR" ] && { why=$(PYTHONPATH="$REPO" "$PYTHON" -m megaprolong.runtime.attempts "$PROGRESS_DIR"); verdict=$?; }
+  if [ -n "$PROGRESS_DIR" ]; then
+    why=$(PYTHONPATH="$REPO" "$PYTHON" -m megaprolong.runtime.attempts "$PROGRESS_DIR") || verdict=$?
+  fi
   if [ "$verdict" = 1 ]; then
     echo "error: $why" >&2
     exit "$status"
