@@ -1,6 +1,6 @@
 """Per-rank peak host memory and time of a checkpoint save and load, per optimizer format, on CPU ranks.
 
-A model large enough that its state dominates (default ~0.2B parameters, fp32) trains one step under
+A model large enough that its state dominates (~80M parameters, fp32) trains one step under
 ``--nproc`` ranks (DP, or DP x TP with ``parallel.tp=2``) with the distributed optimizer; then every format
 saves and loads the same state. "peak above" is each rank's peak RSS during the call minus its RSS before
 (the kernel's high-water mark is reset first through /proc/self/clear_refs), the largest over ranks;
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = ["model.num_layers=8", "model.hidden_size=1024", "model.ffn_hidden_size=4096", "model.num_attention_heads=8",
+MODEL = ["model.num_layers=4", "model.hidden_size=768", "model.ffn_hidden_size=3072", "model.num_attention_heads=8",
          "model.num_query_groups=8", "model.vocab_size=32000", "train.seq_length=256", "train.precision=fp32",
          "train.recompute=none", "train.steps=1", "train.micro_batch_size=1"]
 

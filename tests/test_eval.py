@@ -230,3 +230,34 @@ def test_helmet_adapter_on_a_fake_checkout(tmp_path, model_dir):
     assert "helmet:json_kv" in run.stdout
     bad = _eval("helmet", "--helmet-dir", tmp_path, "--model", model_dir, "--out", tmp_path / "o")
     assert bad.returncode == 2 and "not a HELMET checkout" in bad.stderr
+
+
+def test_scores_follow_known_answers(tmp_path, model_dir, monkeypatch):
+    """The pipeline end to end with a backend whose answers are known: every gold answer on even-numbered
+    samples, nothing right on odd ones, and only the first of several values for the multi-value task.
+    The scores must be exactly what those answers earn (50, and 25 for one value of four)."""
+    from megaprolong.eval import backends
+    from megaprolong.eval.run import EvalConfig, run_eval
+    from megaprolong.eval.tasks import generate
+
+    real = backends.TransformersBackend(str(model_dir))
+    chat = None  # the config's chat_template "auto"
+    key = {}
+    for task in ("json_kv", "niah_single", "niah_multivalue"):
+        for ex in generate(task, 1024, 4, real.tokenizer, 7, chat):
+            key[ex.prompt] = (ex.index, ex.answers)
+
+    class AnswerKey:
+        tokenizer, max_length = real.tokenizer, real.max_length
+
+        def generate(self, prompt, max_new_tokens):
+            index, answers = key[prompt]
+            if len(answers) > 1:
+                return f"The values are: {answers[0]}."
+            return f"The answer is {answers[0]}." if index % 2 == 0 else "I do not know."
+
+    monkeypatch.setattr(backends, "load_backend", lambda *a, **k: AnswerKey())
+    results = run_eval(EvalConfig(model=str(model_dir), tasks=["json_kv", "niah_single", "niah_multivalue"],
+                                  lengths=[1024], out=str(tmp_path / "run"), samples=4, seed=7), progress=False)
+    assert results["scores"] == {"json_kv": {"1024": 50.0}, "niah_single": {"1024": 50.0},
+                                 "niah_multivalue": {"1024": 25.0}}

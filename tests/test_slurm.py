@@ -74,24 +74,36 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert sorted({r["step"] for r in rows}) == list(range(1, steps + 1))
 
 
-def kill_one_worker_at(ckpt, record, job, cluster, log):
-    """kill -9 one training worker once the run's progress record equals ``record``."""
-    import psutil
-
-    deadline = time.time() + 240
-    while True:
-        try:
-            now = json.loads((ckpt / "progress.json").read_text())
-        except (OSError, ValueError):
-            now = {}
-        if all(now.get(k) == v for k, v in record.items()):
-            break
+def wait_until(predicate, cluster, job, log, timeout=240):
+    deadline = time.time() + timeout
+    while not predicate():
         assert time.time() < deadline and cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
             log.read_text(errors="replace")[-3000:] if log.exists() else "no log"
         time.sleep(0.05)
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "-u -m megaprolong.train" in " ".join(p.info["cmdline"] or [])
-               and str(ckpt) in " ".join(p.info["cmdline"] or [])]
+
+
+def kill_one_worker(module: str, folder: Path) -> None:
+    """kill -9 one worker process of ``module`` whose command line names ``folder``."""
+    import psutil
+
+    def cmdline(p):
+        return " ".join(p.info["cmdline"] or [])
+
+    workers = [p for p in psutil.process_iter(["cmdline"]) if f"-u -m {module}" in cmdline(p) and str(folder) in cmdline(p)]
     workers[-1].kill()
+
+
+def kill_one_worker_at(ckpt, record, job, cluster, log):
+    """kill -9 one training worker once the run's progress record holds ``record``."""
+    def reached():
+        try:
+            now = json.loads((ckpt / "progress.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return all(now.get(k) == v for k, v in record.items())
+
+    wait_until(reached, cluster, job, log)
+    kill_one_worker("megaprolong.train", ckpt)
 
 
 # a slower model than the tiny recipe's, so that a step lasts long enough to be killed inside it
@@ -129,16 +141,8 @@ def test_sft_dead_worker_restarts_in_the_job(cluster, tmp_path, tiny_chat_model)
     log = tmp_path / "sft.log"
     job = cluster.sbatch(str(REPO / "slurm" / "sft.sh"), "--job-name=tiny-sft-dead", "--nodes=1",
                          "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}", f"--chdir={REPO}", env=env)
-    deadline = time.time() + 240
-    while not (out / "checkpoints" / "checkpoint-10").exists():
-        assert time.time() < deadline and cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
-            log.read_text(errors="replace")[-3000:] if log.exists() else "no log"
-        time.sleep(0.1)
-    import psutil
-
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "-u -m megaprolong.sft" in " ".join(p.info["cmdline"] or [])
-               and str(out) in " ".join(p.info["cmdline"] or [])]
-    workers[-1].kill()
+    wait_until(lambda: (out / "checkpoints" / "checkpoint-10").exists(), cluster, job, log)
+    kill_one_worker("megaprolong.sft", out)
     assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
     text = log.read_text(errors="replace")
     assert "resuming from" in text and "requeueing" not in text and "fine-tuned model ->" in text
