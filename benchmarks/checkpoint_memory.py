@@ -4,7 +4,7 @@ A model large enough that its state dominates (~80M parameters, fp32) trains one
 ``--nproc`` ranks (DP, or DP x TP with ``parallel.tp=2``) with the distributed optimizer; then every format
 saves and loads the same state. "peak above" is each rank's peak RSS during the call minus its RSS before
 (the kernel's high-water mark is reset first through /proc/self/clear_refs), the largest over ranks;
-"shard" is what the rank holds of model + grads + optimizer state.
+"shard" is what the rank holds of model + grads + optimizer state, "written" the checkpoint's bytes per rank.
 
     .venv/bin/python benchmarks/checkpoint_memory.py [--nproc 4] [key=value ...]
 """
@@ -74,7 +74,8 @@ def worker(out_dir: str, overrides: list[str]) -> None:
         save_s, save_peak = _measured(lambda: checkpoint.save(trainer, root))
         path = checkpoint.complete_checkpoints(root)[-1]
         load_s, load_peak = _measured(lambda: checkpoint.load(trainer, path, resume=True))
-        stats = torch.tensor([save_s, save_peak, load_s, load_peak], dtype=torch.float64)
+        written = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / world  # per rank, on average
+        stats = torch.tensor([save_s, save_peak, load_s, load_peak, written], dtype=torch.float64)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
         rows[fmt] = stats.tolist()
     shard = torch.tensor([model_bytes + opt_bytes], dtype=torch.float64)
@@ -108,11 +109,12 @@ def main() -> None:
     gib = 2**30
     print(f"{r['world']} CPU ranks, {r['layout']}; per-rank model + grads + optimizer shard "
           f"{r['shard_bytes'] / gib:.2f} GiB (largest rank)")
-    print(f"{'optimizer format':<20} {'save s':>8} {'save peak above GiB':>20} {'x shard':>8} "
-          f"{'load s':>8} {'load peak above GiB':>20} {'x shard':>8}")
-    for fmt, (save_s, save_peak, load_s, load_peak) in r["rows"].items():
-        print(f"{fmt:<20} {save_s:>8.2f} {save_peak / gib:>20.2f} {save_peak / r['shard_bytes']:>8.2f} "
-              f"{load_s:>8.2f} {load_peak / gib:>20.2f} {load_peak / r['shard_bytes']:>8.2f}")
+    print(f"{'optimizer format':<20} {'written/rank GiB':>16} {'save s':>8} {'save peak above GiB':>20} "
+          f"{'x shard':>8} {'x written':>9} {'load s':>8} {'load peak above GiB':>20} {'x shard':>8}")
+    for fmt, (save_s, save_peak, load_s, load_peak, written) in r["rows"].items():
+        print(f"{fmt:<20} {written / gib:>16.2f} {save_s:>8.2f} {save_peak / gib:>20.2f} "
+              f"{save_peak / r['shard_bytes']:>8.2f} {save_peak / written:>9.2f} {load_s:>8.2f} "
+              f"{load_peak / gib:>20.2f} {load_peak / r['shard_bytes']:>8.2f}")
 
 
 if __name__ == "__main__":
