@@ -93,17 +93,17 @@ def kill_one_worker(module: str, folder: Path) -> None:
     workers[-1].kill()
 
 
-def kill_one_worker_at(ckpt, record, job, cluster, log):
-    """kill -9 one training worker once the run's progress record holds ``record``."""
+def kill_one_worker_at(module, folder, record, job, cluster, log):
+    """kill -9 one worker of ``module`` once the run's progress record (in ``folder``) holds ``record``."""
     def reached():
         try:
-            now = json.loads((ckpt / "progress.json").read_text())
+            now = json.loads((folder / "progress.json").read_text())
         except (OSError, ValueError):
             return False
         return all(now.get(k) == v for k, v in record.items())
 
     wait_until(reached, cluster, job, log)
-    kill_one_worker("megaprolong.train", ckpt)
+    kill_one_worker(module, folder)
 
 
 # a slower model than the tiny recipe's, so that a step lasts long enough to be killed inside it
@@ -113,16 +113,22 @@ SLOW = "checkpoint.interval=2 model.num_layers=8 model.hidden_size=512 model.ffn
 def test_dead_worker_restarts_in_the_job_then_a_repeated_failure_stops_it(cluster, tmp_path):
     """kill -9 of one worker: torchrun restarts the workers within the job, which resume and finish every
     step; with MAX_RESTARTS=1, a worker dying at the same step twice stops the job, naming the step."""
+    ref, ref_log = submit(cluster, tmp_path / "ref", 6, "tiny-uninterrupted", SLOW)
+    assert cluster.wait(ref, timeout=400) == "COMPLETED", ref_log.read_text(errors="replace")[-3000:]
     job, log = submit(cluster, tmp_path / "a", 6, "tiny-dead-worker", SLOW, MAX_RESTARTS="1")
-    kill_one_worker_at(tmp_path / "a" / "ckpt", {"step": 4}, job, cluster, log)
+    kill_one_worker_at("megaprolong.train", tmp_path / "a" / "ckpt", {"step": 4}, job, cluster, log)
     assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
     text = log.read_text(errors="replace")
     assert "resumed from" in text and "requeueing" not in text
-    assert sorted({r["step"] for r in metrics(tmp_path / "a")}) == list(range(1, 7))
+    # every step's last logged loss equals the uninterrupted job's
+    want = {r["step"]: r["loss"] for r in metrics(tmp_path / "ref")}
+    got = {r["step"]: r["loss"] for r in metrics(tmp_path / "a")}
+    assert sorted(got) == list(range(1, 7)) and all(abs(got[s] - want[s]) <= 1e-6 * abs(want[s]) for s in want)
 
     job, log = submit(cluster, tmp_path / "b", 6, "tiny-repeated-failure", SLOW, MAX_RESTARTS="1")
     for failed_before in (None, 3):
-        kill_one_worker_at(tmp_path / "b" / "ckpt", {"step": 3, "failed_before": failed_before}, job, cluster, log)
+        kill_one_worker_at("megaprolong.train", tmp_path / "b" / "ckpt", {"step": 3, "failed_before": failed_before},
+                           job, cluster, log)
     assert cluster.wait(job, timeout=400) == "FAILED", log.read_text(errors="replace")[-3000:]
     text = log.read_text(errors="replace")
     assert "step 3 failed in two attempts in a row" in text and "requeueing" not in text
@@ -147,6 +153,18 @@ def test_sft_dead_worker_restarts_in_the_job(cluster, tmp_path, tiny_chat_model)
     text = log.read_text(errors="replace")
     assert "resuming from" in text and "requeueing" not in text and "fine-tuned model ->" in text
     assert sorted({r["step"] for r in metrics(out)}) == list(range(1, steps + 1))
+
+    # a worker dying at the same step in two attempts in a row stops the SFT job, naming the step
+    out = tmp_path / "sft_repeated"
+    env.update(OUT_DIR=str(out), MASTER_PORT="29614",
+               EXTRA_ARGS=f"train.steps={steps} train.save_steps=2 train.global_batch_tokens=8192")  # slower steps
+    log = tmp_path / "sft_repeated.log"
+    job = cluster.sbatch(str(REPO / "slurm" / "sft.sh"), "--job-name=tiny-sft-repeated", "--nodes=1",
+                         "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}", f"--chdir={REPO}", env=env)
+    for failed_before in (None, 5):
+        kill_one_worker_at("megaprolong.sft", out, {"step": 5, "failed_before": failed_before}, job, cluster, log)
+    assert cluster.wait(job, timeout=400) == "FAILED", log.read_text(errors="replace")[-3000:]
+    assert "step 5 failed in two attempts in a row" in log.read_text(errors="replace")
 
 
 def test_sft_job_preempts_requeues_resumes_then_eval_job_scores_the_model(cluster, tmp_path, tiny_chat_model):
