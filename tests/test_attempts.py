@@ -32,3 +32,15 @@ def test_a_run_that_ended_by_itself_is_clean(tmp_path):
     a.ended()
     assert Attempt(tmp_path, enabled=True).failed_before is None and main([str(tmp_path)]) == 0
     assert Attempt(tmp_path / "other", enabled=False).folder is None  # other ranks record nothing
+
+
+def test_start_attempt_records_on_rank_0_only_and_refuses_a_repeat(tmp_path):
+    from megaprolong.runtime.attempts import start_attempt
+
+    assert start_attempt(tmp_path, rank0=False).folder is None
+    a = start_attempt(tmp_path, rank0=True)
+    a.step_starts(2)
+    b = start_attempt(tmp_path, rank0=True)
+    b.step_starts(2)
+    with pytest.raises(RepeatedFailure, match="step 2"):
+        start_attempt(tmp_path, rank0=True)

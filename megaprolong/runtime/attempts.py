@@ -74,6 +74,25 @@ class Attempt:
             _write(self.folder, {"step": None, "clean": True})
 
 
+def start_attempt(folder: str | Path | None, rank0: bool) -> Attempt:
+    """This attempt's record, read and kept by rank 0 before any work; every rank raises
+    :class:`RepeatedFailure` when the previous two attempts died at the same step (collective when
+    torch.distributed is initialized)."""
+    reason, attempt = [None], Attempt(None, enabled=False)
+    if rank0:
+        try:
+            attempt = Attempt(folder, enabled=True)
+        except RepeatedFailure as e:
+            reason = [str(e)]
+    import torch.distributed as dist  # here: the launcher's check (main) needs only the standard library
+
+    if dist.is_initialized():
+        dist.broadcast_object_list(reason, src=0)
+    if reason[0]:
+        raise RepeatedFailure(reason[0])
+    return attempt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     reason = repeated_failure(argv[0]) if argv else "usage: python -m megaprolong.runtime.attempts CHECKPOINT_DIR"

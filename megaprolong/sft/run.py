@@ -83,26 +83,6 @@ def _attempt_callback(attempt: Any) -> Any:
     return Progress()
 
 
-def _this_attempt(folder: Path) -> Any:
-    """Rank 0's record of this attempt, checked before any work; every rank stops on a repeated failure."""
-    import torch.distributed as dist
-
-    from megaprolong.runtime.attempts import Attempt, RepeatedFailure
-
-    rank0 = int(os.environ.get("RANK", 0)) == 0
-    reason, attempt = [None], Attempt(None, enabled=False)
-    if rank0:
-        try:
-            attempt = Attempt(folder, enabled=True)
-        except RepeatedFailure as e:
-            reason = [str(e)]
-    if dist.is_initialized():
-        dist.broadcast_object_list(reason, src=0)
-    if reason[0]:
-        raise RepeatedFailure(reason[0])
-    return attempt
-
-
 def training_arguments(cfg: SFTConfig, world_size: int, cuda: bool) -> Any:
     """TRL's SFTConfig for the recipe: padding-free batches of our pre-packed rows."""
     import trl
@@ -192,7 +172,9 @@ def run_sft(cfg: SFTConfig) -> Path | None:
 
         init_process_group_per_attempt("nccl" if cuda else "gloo", int(os.environ.get("RANK", 0)), world_size,
                                        datetime.timedelta(minutes=30))
-    attempt = _this_attempt(Path(cfg.output_dir))
+    from megaprolong.runtime.attempts import start_attempt
+
+    attempt = start_attempt(Path(cfg.output_dir), rank0=int(os.environ.get("RANK", 0)) == 0)
     args = training_arguments(cfg, world_size, cuda)
     transformers.set_seed(cfg.train.seed)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model))

@@ -35,7 +35,7 @@ from megaprolong.model.attention import packed_batch, select_kernel
 from megaprolong.model.context_parallel import concat_packed, split_for_context_parallel
 from megaprolong.model.llama import attention_backend, build_model, transformer_config
 from megaprolong.model.state import unwrap_model
-from megaprolong.runtime.attempts import Attempt, RepeatedFailure
+from megaprolong.runtime.attempts import start_attempt
 from megaprolong.runtime.device import device, init_distributed, local_rank_zero_first
 from megaprolong.runtime.preemption import StopRequest
 from megaprolong.training import checkpoint
@@ -320,21 +320,6 @@ def _optimizer_note(meta: dict) -> str:
             f"checkpoint.optimizer_format=fully_reshardable, carries it across layouts)")
 
 
-def _this_attempt(folder: str | None) -> Attempt:
-    """Rank 0's record of this attempt; every rank stops if the previous two died at the same step."""
-    reason = [None]
-    attempt = Attempt(None, enabled=False)
-    if dist.get_rank() == 0:
-        try:
-            attempt = Attempt(folder, enabled=True)
-        except RepeatedFailure as e:
-            reason = [str(e)]
-    dist.broadcast_object_list(reason, src=0)
-    if reason[0]:
-        raise RepeatedFailure(reason[0])
-    return attempt
-
-
 def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
     """Train ``cfg.train.steps`` steps on ``make_dataset()`` (anything with ``global_batch(step, size)``),
     built by one rank per node first so its on-disk index cache is built once per node."""
@@ -346,7 +331,7 @@ def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
     say = log if dist.get_rank() == 0 else (lambda *_: None)
     say(f"attention: backend {trainer.attention['attention_backend']}, kernel {trainer.attention['attention_kernel']}")
     ck = cfg.checkpoint
-    attempt = _this_attempt(ck.dir)
+    attempt = start_attempt(ck.dir, rank0=dist.get_rank() == 0)  # stops if the same step failed twice
     _start(trainer, say)
     stop = StopRequest()
     history = []
