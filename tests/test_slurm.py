@@ -144,6 +144,11 @@ def test_sft_dead_worker_restarts_in_the_job(cluster, tmp_path, tiny_chat_model)
     env = {"REPO": str(REPO), "RECIPE": str(REPO / "examples" / "tiny_sft.yaml"), "MODEL": str(tiny_chat_model),
            "SFT_DATA": str(chats), "OUT_DIR": str(out), "GPUS_PER_NODE": "2", "PYTHON": sys.executable,
            "MASTER_PORT": "29613", "MAX_RESTARTS": "1", "EXTRA_ARGS": f"train.steps={steps} train.save_steps=5"}
+    ref_log = tmp_path / "sft_ref.log"
+    ref = cluster.sbatch(str(REPO / "slurm" / "sft.sh"), "--job-name=tiny-sft-ref", "--nodes=1", "--gpus-per-node=0",
+                         "--cpus-per-task=2", f"--output={ref_log}", f"--chdir={REPO}",
+                         env={**env, "OUT_DIR": str(tmp_path / "sft_ref")})
+    assert cluster.wait(ref, timeout=400) == "COMPLETED", ref_log.read_text(errors="replace")[-3000:]
     log = tmp_path / "sft.log"
     job = cluster.sbatch(str(REPO / "slurm" / "sft.sh"), "--job-name=tiny-sft-dead", "--nodes=1",
                          "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}", f"--chdir={REPO}", env=env)
@@ -152,7 +157,9 @@ def test_sft_dead_worker_restarts_in_the_job(cluster, tmp_path, tiny_chat_model)
     assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
     text = log.read_text(errors="replace")
     assert "resuming from" in text and "requeueing" not in text and "fine-tuned model ->" in text
-    assert sorted({r["step"] for r in metrics(out)}) == list(range(1, steps + 1))
+    want = {r["step"]: r["loss"] for r in metrics(tmp_path / "sft_ref")}
+    got = {r["step"]: r["loss"] for r in metrics(out)}  # the last logged loss of each step
+    assert sorted(got) == list(range(1, steps + 1)) and all(abs(got[s] - want[s]) <= 1e-6 for s in want), (got, want)
 
     # a worker dying at the same step in two attempts in a row stops the SFT job, naming the step
     out = tmp_path / "sft_repeated"
