@@ -53,7 +53,7 @@ def legacy_sdpa_loop(q, k_global, v_global, chunks, scale):
 def measure_one(kernel: str, seq: int, cp: int, heads: int, groups: int, dim: int, device: str) -> dict:
     """Forward + backward of one layer's attention for rank 0 of ``cp`` on a one-document sequence."""
     from megaprolong.model.attention import AttentionLayout, select_kernel
-    from megaprolong.model.context_parallel import partition_index
+    from megaprolong.model.context_parallel import gathered_positions
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -71,8 +71,8 @@ def measure_one(kernel: str, seq: int, cp: int, heads: int, groups: int, dim: in
         name = "legacy"
     else:
         chosen = select_kernel(kernel, dev.type, dtype)
-        gathered = [torch.cat([x[torch.from_numpy(partition_index(cu, cp, r)).to(dev)] for r in range(cp)])
-                    for x in (k_global, v_global)]  # what the all-gather returns: rank-major
+        rows = torch.from_numpy(gathered_positions(cu, cp)).to(dev)
+        gathered = [x[rows] for x in (k_global, v_global)]  # what the all-gather returns: rank-major
         def step():
             k, v = (x if layout.kv_index is None else x.index_select(0, layout.kv_index) for x in gathered)
             return chosen.run(q, k, v, layout, scale)

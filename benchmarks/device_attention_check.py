@@ -15,7 +15,7 @@ import torch
 
 from megaprolong.model.attention import AttentionLayout, select_kernel
 from megaprolong.model.attention.kernels import flash_attn_available, torch_varlen_available
-from megaprolong.model.context_parallel import padded_lengths, partition_index
+from megaprolong.model.context_parallel import gathered_positions, padded_lengths, partition_index
 
 HEADS, GROUPS, DIM = 32, 8, 128
 
@@ -26,7 +26,7 @@ def check(kernel_name: str, lengths: list[int], cp: int, rank: int) -> float:
     q = torch.randn(int(cu[-1]), HEADS, DIM, generator=g).bfloat16()
     k, v = (torch.randn(int(cu[-1]), GROUPS, DIM, generator=g).bfloat16() for _ in range(2))
     rows = torch.from_numpy(partition_index(cu, cp, rank))
-    gathered = [torch.cat([x[torch.from_numpy(partition_index(cu, cp, r))] for r in range(cp)]) for x in (k, v)]
+    gathered = [x[torch.from_numpy(gathered_positions(cu, cp))] for x in (k, v)]  # what the all-gather returns
     grad_out = torch.randn(len(rows), HEADS, DIM, generator=g)
     results = {}
     for device, name, dtype in (("cpu", "cpu-blockwise", torch.float32), ("cuda", kernel_name, torch.bfloat16)):

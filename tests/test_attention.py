@@ -20,7 +20,7 @@ import torch
 from megaprolong.model.attention import kernels
 from megaprolong.model.attention.blockwise import blockwise_causal_attention
 from megaprolong.model.attention.layout import AttentionLayout
-from megaprolong.model.context_parallel import padded_lengths, partition_index, rank_major_row
+from megaprolong.model.context_parallel import gathered_positions, padded_lengths, partition_index, rank_major_row
 
 
 def reference(q, k, v, cu_q, cu_k, scale, causal=True):
@@ -99,7 +99,7 @@ def test_layout_gives_each_rank_the_global_attention_of_its_rows(cp):
     assert cu[-1] >= 4096
     whole = blockwise_causal_attention(q, k, v, cu, cu, 0.25)
     rows = [torch.from_numpy(partition_index(cu, cp, r)) for r in range(cp)]
-    gathered = [torch.cat([x[i] for i in rows]) for x in (k, v)]  # what the CP all-gather returns
+    gathered = [x[torch.from_numpy(gathered_positions(cu, cp))] for x in (k, v)]  # what the CP all-gather returns
     for r in range(cp):
         layout = AttentionLayout.build(cu, cp, r, torch.device("cpu"))
         kr, vr = (x if layout.kv_index is None else x.index_select(0, layout.kv_index) for x in gathered)
@@ -111,8 +111,7 @@ def test_layout_gives_each_rank_the_global_attention_of_its_rows(cp):
 
 def test_rank_major_rows_invert_the_partition():
     cu = np.concatenate([[0], np.cumsum(padded_lengths(np.array([9, 1, 30, 4]), 4))])
-    gathered = np.concatenate([partition_index(cu, 4, r) for r in range(4)])  # global position of each row
-    np.testing.assert_array_equal(gathered[rank_major_row(cu, 4)], np.arange(cu[-1]))
+    np.testing.assert_array_equal(gathered_positions(cu, 4)[rank_major_row(cu, 4)], np.arange(cu[-1]))
 
 
 # ---- the GPU kernels' calling conventions, through stand-ins with their exact signatures ----------------
@@ -148,7 +147,7 @@ def run_layout(run, cp=2, rank=1, groups=2, scale=None):
     cu, q, k, v = zigzag_case([300, 5, 77], cp)
     layout = AttentionLayout.build(cu, cp, rank, torch.device("cpu"))
     rows = torch.from_numpy(partition_index(cu, cp, rank))
-    gathered = [torch.cat([x[torch.from_numpy(partition_index(cu, cp, r))] for r in range(cp)]) for x in (k, v)]
+    gathered = [x[torch.from_numpy(gathered_positions(cu, cp))] for x in (k, v)]
     k, v = (x.index_select(0, layout.kv_index)[:, :groups] for x in gathered)
     scale = scale or q.shape[-1] ** -0.5
     return run(q[rows], k, v, layout, scale), blockwise_causal_attention(q[rows], k, v, layout.cu_q, layout.cu_k, scale)

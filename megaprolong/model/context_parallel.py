@@ -63,6 +63,11 @@ def zigzag_chunks(cu_seqlens_padded: np.ndarray, cp: int, rank: int):
     return starts, np.repeat(c, 2), np.repeat(doc_start, 2)
 
 
+def gathered_positions(cu_seqlens_padded: np.ndarray, cp: int) -> np.ndarray:
+    """The global position of every row of a tensor all-gathered over the CP group (rank-major)."""
+    return np.concatenate([partition_index(cu_seqlens_padded, cp, r) for r in range(cp)])
+
+
 def rank_major_row(cu_seqlens_padded: np.ndarray, cp: int) -> np.ndarray:
     """For every global position, its row in the K/V all-gathered over the CP group (rank-major)."""
     cu = np.asarray(cu_seqlens_padded, dtype=np.int64)
