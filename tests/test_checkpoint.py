@@ -276,3 +276,8 @@ def test_failure_repeating_at_the_same_step_stops_with_the_step(data, tmp_path):
     again = subprocess.run([sys.executable, "-m", "megaprolong.train", *one_rank], capture_output=True, text=True,
                            timeout=180, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert again.returncode == 3 and "step 3 failed in two attempts" in again.stderr, again.stderr[-2000:]
+
+
+def test_synchronous_save_round_trips_in_bounded_files(tmp_path):
+    out = torchrun("sync_save.py", 2, str(tmp_path / "ckpt"))
+    assert out.count("ok:") == 2

@@ -4,11 +4,10 @@ Conversion must not hold the model in memory (an 8B model is 32 GB in fp32; CPU 
 model itself is built on the meta device: its sharded state dict gives every tensor's checkpoint key, global
 shape and offset (layers stacked, SwiGLU's ``[gate; up]`` split by megatron's own factory) without memory.
 
-- Writing: megatron-core's own ``dist_checkpointing.save`` with its torch_dist format, through a subclass of
-  its strategy that differs in one point: the tensor data. Megatron's writer resolves every tensor before it
-  writes the first (it stages them for background saving); torch DCP's synchronous ``FileSystemWriter``
-  resolves each tensor as it writes it, so :class:`_ProducingPlanner` computes each one then (``produce``),
-  from the HF tensors it is made of, and it is freed after being written.
+- Writing: megatron-core's own ``dist_checkpointing.save`` with its torch_dist format, through the
+  synchronous writer of :mod:`megaprolong.training.sync_save` (which resolves each tensor as it writes it),
+  with one difference: :class:`_ProducingPlanner` computes each tensor then (``produce``), from the HF
+  tensors it is made of, and it is freed after being written.
 - Reading: ``dist_checkpointing.load`` of a sub-dict (one layer's tensors), which reads just those chunks.
 """
 
@@ -22,12 +21,10 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, apply_factories
-from megatron.core.dist_checkpointing.strategies.torch import (MCoreSavePlanner, TorchDistSaveShardedStrategy,
-                                                               _replace_state_dict_keys_with_sharded_keys,
-                                                               mcore_to_pyt_state_dict)
-from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint import save as dcp_save
+from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
 from torch.distributed.checkpoint.planner import WriteItemType
+
+from megaprolong.training.sync_save import ExactStoragePlanner, SynchronousSave, exact_storage
 
 # (checkpoint key, global offset) -> (model tensor name, and where the chunk lies in it: size, stride, offset)
 _Chunks = dict[tuple[str, tuple[int, ...]], tuple[str, torch.Size, tuple[int, ...], int]]
@@ -51,30 +48,26 @@ def save_produced(model: torch.nn.Module, produce: Callable[[str], torch.Tensor]
     dist_checkpointing.save(state, str(checkpoint_dir), sharded_strategy=_ProducingSave(chunks, produce))
 
 
-class _ProducingSave(TorchDistSaveShardedStrategy):
-    """megatron-core's torch_dist save (same files, same metadata), written by torch DCP's synchronous
-    writer with tensors produced on demand."""
+class _ProducingSave(SynchronousSave):
+    """The synchronous torch_dist save with tensors produced on demand."""
 
     def __init__(self, chunks: _Chunks, produce: Callable[[str], torch.Tensor]):
         super().__init__()
         self.chunks, self.produce = chunks, produce
 
-    def save(self, sharded_state_dict, checkpoint_dir) -> None:
-        state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
-        planner = _ProducingPlanner(self.chunks, self.produce, dedup_replicated_tensors=False,
-                                    flatten_state_dict=False, flatten_sharded_tensors=False)
-        dcp_save(mcore_to_pyt_state_dict(state, False), planner=planner,
-                 storage_writer=FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1))
+    def planner(self) -> MCoreSavePlanner:
+        return _ProducingPlanner(self.chunks, self.produce, dedup_replicated_tensors=not self.keep_only_main_replica,
+                                 flatten_state_dict=False, flatten_sharded_tensors=False)
 
 
-class _ProducingPlanner(MCoreSavePlanner):
+class _ProducingPlanner(ExactStoragePlanner):
     def __init__(self, chunks: _Chunks, produce: Callable[[str], torch.Tensor], **kwargs):
         super().__init__(**kwargs)
         self.chunks, self.produce = chunks, produce
         self._last: tuple[str, torch.Tensor] | None = None  # linear_fc1's two chunks are written one after the other
 
     def resolve_data(self, write_item):
-        placeholder = super().resolve_data(write_item)
+        placeholder = super().resolve_data(write_item)  # a meta tensor: the model is on the meta device
         if write_item.type == WriteItemType.BYTE_IO:
             return placeholder
         name, size, stride, offset = self.chunks[write_item.index.fqn, tuple(write_item.index.offset)]
@@ -84,7 +77,7 @@ class _ProducingPlanner(MCoreSavePlanner):
         tensor = self._last[1]
         if tensor.shape != size:
             tensor = tensor.as_strided(size, stride, offset)
-        return tensor.view(placeholder.shape)  # megatron's layout: a leading axis of 1 for the layer stack
+        return exact_storage(tensor.view(placeholder.shape))  # megatron's layout: a leading axis of 1 for the layer stack
 
 
 class TensorReader:

@@ -31,6 +31,7 @@ from megaprolong.config import ConfigError
 from megaprolong.model.state import unwrap_model
 from megaprolong.runtime.mcore_fixes import checkpoint_results_queue_dies_with_worker
 from megaprolong.training import manifest
+from megaprolong.training.sync_save import SynchronousSave
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _META = "megaprolong.json"
@@ -191,8 +192,8 @@ def save(trainer, root: str | Path, keep: int | None = None, queue=None, portabl
                     shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
-    if queue is None:
-        dist_checkpointing.save(state, str(tmp))
+    if queue is None:  # written a tensor at a time (megatron's own synchronous save stages a copy of all)
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=SynchronousSave())
         publish()
     else:
         # megatron-core's own background writer (the default, "nvrx", needs nvidia-resiliency-ext)
