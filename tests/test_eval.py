@@ -1,5 +1,5 @@
 """Evaluation: task generators (length, answer placement), metrics, the transformers backend end to end,
-chunked perplexity, perplexity after training, run comparison, and the HELMET adapter on a fake checkout."""
+chunked perplexity, perplexity after training, and run comparison (the HELMET adapter: test_helmet.py)."""
 
 import json
 import re
@@ -192,44 +192,6 @@ def test_perplexity_falls_after_training_on_the_text(tmp_path, model_dir, long_d
     assert after["documents"] == before["documents"]
     assert after["loss"] < before["loss"] - 0.5
     assert all(a["loss"] < b["loss"] for a, b in zip(after["buckets"], before["buckets"]))
-
-
-def test_helmet_adapter_on_a_fake_checkout(tmp_path, model_dir):
-    """A HELMET layout (configs + an eval.py that writes outputs in HELMET's format): configs are written
-    for our model at the requested lengths, HELMET is run, its scores land in our table."""
-    helmet = tmp_path / "HELMET"
-    (helmet / "configs").mkdir(parents=True)
-    (helmet / "configs" / "recall_short.yaml").write_text(
-        "input_max_length: 8192,8192,16384,16384\ndatasets: json_kv,ruler_niah_mk_2,json_kv,ruler_niah_mk_2\n"
-        "generation_max_length: 100,50,100,50\ntest_files: data/json_kv/k105.jsonl,data/ruler/mk2_8192.jsonl,"
-        "data/json_kv/k220.jsonl,data/ruler/mk2_16384.jsonl\ndemo_files: ',,,'\nuse_chat_template: false\n"
-        "max_test_samples: 100\nshots: 2\n")
-    (helmet / "configs" / "rag.yaml").write_text(
-        "input_max_length: 131072\ndatasets: nq\ngeneration_max_length: 20\ntest_files: data/kilt/nq.jsonl\n"
-        "demo_files: data/kilt/nq_demo.jsonl\nuse_chat_template: true\nmax_test_samples: 100\nshots: 2\n")
-    # The fake eval.py scores each dataset from a table, in HELMET's output naming and JSON layout.
-    (helmet / "eval.py").write_text(
-        "import json, sys, yaml\nfrom pathlib import Path\n"
-        "c = yaml.safe_load(open(sys.argv[sys.argv.index('--config') + 1]))\n"
-        "score = {'json_kv': 90.0, 'ruler_niah_mk_2': 70.0}\n"
-        "out = Path(c['output_dir']); out.mkdir(parents=True, exist_ok=True)\n"
-        "for d, t, n in zip(c['datasets'].split(','), c['test_files'].split(','), str(c['input_max_length']).split(',')):\n"
-        "    metric = 'substring_exact_match' if d == 'json_kv' else 'ruler_recall'\n"
-        "    name = f\"{d}_{c['tag']}_{Path(t).stem}_in{n}_size100_shots2_sampFalsemax100min0t0.0p1.0_chat{c['use_chat_template']}_42.json\"\n"
-        "    (out / name).write_text(json.dumps({'averaged_metrics': {metric: score[d] - (int(n) > 8192) * 10}, 'data': []}))\n"
-        "    assert c['model_name_or_path'].endswith('tiny_chat_model0')\n")
-    out = tmp_path / "helmet_run"
-    run = _eval("helmet", "--helmet-dir", helmet, "--model", model_dir, "--lengths", "8192,16384", "--out", out, "--run")
-    assert run.returncode == 0, run.stderr[-3000:]
-    config = (out / "configs" / "recall.yaml").read_text()
-    assert "json_kv,ruler_niah_mk_2,json_kv,ruler_niah_mk_2" in config and "rag" not in {p.stem for p in (out / "configs").iterdir()}
-    results = json.loads((out / "results.json").read_text())
-    assert results["scores"]["helmet:json_kv"] == {"8192": 90.0, "16384": 80.0}
-    assert results["scores"]["helmet:ruler_niah_mk_2"] == {"8192": 70.0, "16384": 60.0}
-    assert results["scores"]["HELMET Recall"] == {"8192": 80.0, "16384": 70.0}
-    assert "helmet:json_kv" in run.stdout
-    bad = _eval("helmet", "--helmet-dir", tmp_path, "--model", model_dir, "--out", tmp_path / "o")
-    assert bad.returncode == 2 and "not a HELMET checkout" in bad.stderr
 
 
 def test_scores_follow_known_answers(tmp_path, model_dir, monkeypatch):

@@ -11,7 +11,7 @@ from megaprolong.config import ConfigError, from_dict, load_config
 
 USAGE = """megaprolong-eval --model DIR --tasks TASKS --lengths N,N,... --out DIR [options]
        megaprolong-eval compare RUN_A RUN_B
-       megaprolong-eval helmet --helmet-dir DIR --model DIR --lengths N,... --out DIR [--run]"""
+       megaprolong-eval helmet --helmet-dir DIR --model DIR --python HELMET_PY --lengths N,... --out DIR --run"""
 
 
 def _csv(cast):
@@ -78,41 +78,76 @@ def _compare(argv: list[str]) -> int:
 
 def _helmet(argv: list[str]) -> int:
     from megaprolong.eval import helmet
-    from megaprolong.eval.run import table
 
     p = argparse.ArgumentParser(prog="megaprolong-eval helmet", description=(
-        "Run the full HELMET suite (a checkout with its data, --helmet-dir) on our model: write its configs at "
-        "the requested lengths to OUT/configs, run its eval.py (--run), collect the scores into OUT/results.json "
-        "and the same table as our own tasks."))
+        "Run the full HELMET suite (a checkout with its data, --helmet-dir) on our model with HELMET's own "
+        "interpreter (--python): write its configs at the requested lengths to OUT/configs, run its eval.py "
+        "(sdpa attention where flash-attn is absent; the CPU settings HELMET needs on a machine without GPU), "
+        "check that every dataset produced its output, and report HELMET's scores, category averages and overall "
+        "figure in OUT/results.json and a table. Outputs go to OUT/output/<model>-<hash>: one folder per model."))
     p.add_argument("--helmet-dir", required=True, type=Path, help="HELMET checkout (eval.py, configs/, data/)")
     p.add_argument("--model", help="HF model folder (needed unless --collect-only)")
-    p.add_argument("--lengths", type=_csv(int), default=[8192, 16384, 32768, 65536, 131072])
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--python", default=sys.executable,
+                   help="the interpreter of HELMET's environment (default: this one); its imports are checked first")
+    p.add_argument("--lengths", type=_csv(int), default=[8192, 16384, 32768, 65536, 131072],
+                   help="input lengths to run (HELMET's configs: 8192 ... 131072)")
+    p.add_argument("--categories", type=_csv(str), default=list(helmet.CATEGORIES),
+                   help=f"comma-separated HELMET categories (default all: {','.join(helmet.CATEGORIES)})")
+    p.add_argument("--max-test-samples", type=int, help="examples per dataset (default: each HELMET config's)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (configs/, output/, logs/, results.json)")
     p.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
-                   help="override HELMET's per-config use_chat_template")
+                   help="override HELMET's per-config use_chat_template (auto: keep it)")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="cpu: HELMET's no_cuda/no_torch_compile/no_bf16 settings (auto: when no GPU is visible)")
+    p.add_argument("--overwrite", action="store_true", help="rerun datasets whose output exists (HELMET skips them)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="exit 0 with a table marked partial when datasets have no output (default: exit 1)")
     p.add_argument("--run", action="store_true", help="run HELMET's eval.py on the configs (else print commands)")
     p.add_argument("--collect-only", action="store_true", help="only collect results already in OUT/output")
     args = p.parse_args(argv)
+    failures: list[str] = []
     try:
+        if not args.model:
+            raise ConfigError("--model is required (it names the output folder)")
+        model = helmet.check_model_path(args.model)
+        entries = helmet.helmet_entries(args.helmet_dir, args.lengths, args.categories)
+        configs = sorted((args.out / "configs").glob("*.yaml")) if args.collect_only else []
         if not args.collect_only:
-            if not args.model:
-                raise ConfigError("--model is required unless --collect-only")
             chat = {"auto": None, "on": True, "off": False}[args.chat_template]
-            configs = helmet.write_configs(args.helmet_dir, args.model, args.lengths, args.out, chat)
+            cpu = args.device == "cpu" or (args.device == "auto" and not _cuda())
+            configs = helmet.write_configs(args.helmet_dir, model, entries, args.out, use_chat_template=chat,
+                                           max_test_samples=args.max_test_samples, cpu=cpu, overwrite=args.overwrite)
+            launcher = f"{args.python} {helmet.LAUNCHER}"
             if not args.run:
                 for c in configs:
-                    print(f"cd {args.helmet_dir} && python eval.py --config {c.resolve()}")
+                    print(f"cd {args.helmet_dir} && {launcher} --config {c.resolve()}")
                 return 0
-            helmet.run(args.helmet_dir, configs)
-        results = helmet.collect(args.out / "configs", args.out / "output")
+            helmet.check_python(args.helmet_dir, args.python)
+            note = helmet.hub_note(entries)
+            if note:
+                print(f"megaprolong-eval helmet: {note}", file=sys.stderr)
+            failures = helmet.run(args.helmet_dir, args.python, configs, args.out)
+        found = helmet.collect(helmet.configured_entries(configs), helmet.model_output_dir(args.out, model), model)
     except ConfigError as e:
         print(f"megaprolong-eval: {e}", file=sys.stderr)
         return 2
+    partial = bool(failures or found.missing)
+    results = helmet.results_dict(found, model, partial)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print(table(results))
-    if results["missing"]:
-        print(f"megaprolong-eval: no HELMET output for {', '.join(results['missing'])}", file=sys.stderr)
+    print(helmet.table(results))
+    for failure in failures or [f"{m}: no HELMET output" for m in found.missing]:
+        print(f"megaprolong-eval helmet: {failure}", file=sys.stderr)
+    if partial and not args.allow_partial:
+        print("megaprolong-eval helmet: datasets without output (above); --allow-partial to accept a partial table",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:
