@@ -4,7 +4,8 @@
 # 1. every CUDA attention kernel (torch varlen, SDPA, flash-attn if installed) equals the CPU reference,
 #    forward and gradients, bf16 tolerance, uneven documents, CP=1/2/4 offsets (device_attention_check.py);
 # 2. the tiny parity run (3 optimizer steps) on the GPU equals the CPU run from the same weights; document
-#    masking checks on the GPU;
+#    masking checks on the GPU; the SFT stage's varlen attention equals transformers' sdpa on a packed 64K
+#    row (device_sft_attention_check.py);
 # 3. a training step of Llama-3-8B-shaped layers at 64K and 128K, ProLong-like documents: tokens/s/GPU, model
 #    TFLOPS/GPU, MFU against 989 TFLOPS dense bf16 (H100/H200), peak memory; torch varlen vs the per-document
 #    SDPA loop (model.attention_kernel=sdpa) in the same run;
@@ -37,6 +38,10 @@ assert rel < 1e-3 and par < 1e-4, "GPU run differs from the CPU run"
 PY
 ( cd tests/workers && run attention_checks.py ) > "$OUT/masking.log" 2>&1 || { tail -30 "$OUT/masking.log"; exit 1; }
 grep -q ATTENTION_CHECKS_OK "$OUT/masking.log" && echo "document masking on the GPU: OK"
+
+echo "== 2b. SFT attention without flash-attn: megaprolong_varlen = sdpa on a packed 64K bf16 row"
+python3 benchmarks/device_sft_attention_check.py 2>&1 | tee "$OUT/sft_attention.log" | grep -v Warning
+grep -q SFT_ATTENTION_OK "$OUT/sft_attention.log"
 
 echo "== 3. Llama-3-8B-shaped layers, one GPU"
 LAYERS=${LAYERS:-12}  # + the 128K-vocabulary embedding and LM head; fits 139 GiB at 128K with full recompute

@@ -208,15 +208,18 @@ def test_mds_import_equals_the_jsonl_path(tmp_path, chats, chat_model, tokenizer
     assert max(sum(s) for s in from_jsonl["seq_lengths"]) <= 128
 
 
-def _sft(nproc: int, chat_model, chats, out: Path) -> list[dict]:
+def _sft(nproc: int, chat_model, chats, out: Path, *extra: str) -> list[dict]:
     args = ["--config", str(REPO / "examples" / "tiny_sft.yaml"), f"model={chat_model}", f"output_dir={out}",
-            f"data.path={chats}", "train.seq_length=128", "train.global_batch_tokens=512", "train.steps=3"]
+            f"data.path={chats}", "train.seq_length=128", "train.global_batch_tokens=512", "train.steps=3", *extra]
     if nproc > 1:
-        torchrun("megaprolong.sft", nproc, *args, timeout=300)
+        stdout = torchrun("megaprolong.sft", nproc, *args, timeout=300)
     else:
         proc = subprocess.run([sys.executable, "-m", "megaprolong.sft", *args], capture_output=True, text=True,
                               cwd=REPO, timeout=300)
         assert proc.returncode == 0, proc.stderr[-4000:]
+        stdout = proc.stdout
+    wanted = next((a.split("=", 1)[1] for a in extra if a.startswith("train.attn_implementation=")), "sdpa")
+    assert f"megaprolong-sft: attention {wanted}" in stdout
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -225,8 +228,9 @@ def test_two_processes_equal_one_and_the_model_reloads(tmp_path, chat_model, cha
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    one = _sft(1, chat_model, chats, tmp_path / "one")
-    two = _sft(2, chat_model, chats, tmp_path / "two")
+    one = _sft(1, chat_model, chats, tmp_path / "one")  # sdpa: the dense per-conversation mask
+    # two ranks through our registered varlen attention (the blockwise kernel on the CPU, no mask)
+    two = _sft(2, chat_model, chats, tmp_path / "two", "train.attn_implementation=megaprolong_varlen")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)

@@ -16,17 +16,19 @@ from megaprolong.sft.config import SFTConfig, gradient_accumulation
 
 
 def _attention(cfg: SFTConfig, cuda: bool) -> str:
-    choice = cfg.train.attn_implementation
-    if choice != "auto":
-        return choice
-    if cuda:
-        try:
-            import flash_attn  # noqa: F401
+    """The transformers attention implementation; every choice masks packed conversations exactly."""
+    from megaprolong.model.attention.kernels import flash_attn_available
+    from megaprolong.sft import varlen_attention
 
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"  # exact per-conversation masking from position ids (dense mask: fine for short sequences)
+    choice = cfg.train.attn_implementation
+    if choice == "auto":
+        if cuda and flash_attn_available():
+            choice = "flash_attention_2"
+        else:  # sdpa on the CPU: a dense [L, L] mask from the position ids, fine at CPU lengths, not at 64K
+            choice = varlen_attention.NAME if cuda else "sdpa"
+    if choice == varlen_attention.NAME:
+        varlen_attention.register()
+    return choice
 
 
 class _MetricsFile:
@@ -190,9 +192,12 @@ def run_sft(cfg: SFTConfig) -> Path | None:
         if report.truncated:
             print(f"megaprolong-sft: warning: {report.truncated} conversation(s) longer than train.seq_length="
                   f"{cfg.train.seq_length} were truncated", file=sys.stderr, flush=True)
+    attention = _attention(cfg, cuda)
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.model, dtype=torch.float32, attn_implementation=_attention(cfg, cuda),
+        cfg.model, dtype=torch.float32, attn_implementation=attention,
         use_cache=False)  # with a cache transformers would let packed conversations see each other
+    if args.process_index == 0:
+        print(f"megaprolong-sft: attention {attention}", flush=True)
     # The RoPE base (and every other field) of the long-context checkpoint is kept as saved.
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
