@@ -72,8 +72,9 @@ def test_validate_accepts_prolong_512k_layout():
     validate(cfg, 64 * 8)
 
 
-@pytest.mark.parametrize("recipe, world, steps, step_tokens", [("prolong_64k.yaml", 64, 5000, 4_194_304),
-                                                               ("prolong_512k.yaml", 64, 2500, 8_388_608)])
+@pytest.mark.parametrize("recipe, world, steps, step_tokens", [
+    (f"{base}_{stage}.yaml", 64, steps, tokens) for base in ("prolong", "llama31_8b", "qwen3_8b")
+    for stage, steps, tokens in (("64k", 5000, 4_194_304), ("512k", 2500, 8_388_608))])
 def test_prolong_recipes_carry_the_reference_numbers(recipe, world, steps, step_tokens):
     from pathlib import Path
 

@@ -1,4 +1,5 @@
-"""HF Llama <-> megatron-core checkpoints: bitwise round trip, logits equal to transformers, bad input."""
+"""HF Llama <-> megatron-core checkpoints: bitwise round trip, logits equal to transformers, bad input (the other
+families: test_families.py)."""
 
 import json
 import subprocess
@@ -143,23 +144,35 @@ def test_verify_fails_when_the_models_differ(tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("missing_shard", "missing"),
-    ("tied", "tie_word_embeddings"),
-    ("rope_scaling", "rope_scaling"),
-    ("not_llama", "unsupported architecture"),
+    ("moe", "num_local_experts=8: mixture-of-experts"),
+    ("sliding_window", "sliding-window attention is not supported"),
+    ("yarn", "rope_scaling.rope_type='yarn'"),
+    ("dynamic", "rope_scaling.rope_type='dynamic'"),
+    ("llama3_factors", "'low_freq_factor': 2.0"),
+    ("o_bias", "attention_bias=true"),
+    ("not_supported", "model_type='mistral'"),
     ("shape", "shape mismatch"),
     ("exists", "exists"),
 ])
 def test_bad_input_is_refused_clearly(tmp_path, case, message):
-    hf = tiny_hf(tmp_path / "hf", **({"tie_word_embeddings": True} if case == "tied" else {}))
+    hf = tiny_hf(tmp_path / "hf")
     cfg_path = hf / "config.json"
     cfg = json.loads(cfg_path.read_text())
     out_dir = tmp_path / "out"
     if case == "missing_shard":
         next(hf.glob("model-0000[2-9]*.safetensors")).unlink()
-    elif case == "rope_scaling":
-        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
-        cfg.get("rope_parameters", {}).update(rope_type="llama3", factor=8.0)
-    elif case == "not_llama":
+    elif case == "moe":
+        cfg["num_local_experts"] = 8
+    elif case == "sliding_window":
+        cfg["use_sliding_window"], cfg["sliding_window"] = True, 64
+    elif case in ("yarn", "dynamic"):
+        cfg["rope_scaling"] = {"rope_type": case, "factor": 4.0}
+    elif case == "llama3_factors":
+        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192}
+    elif case == "o_bias":
+        cfg["attention_bias"] = True
+    elif case == "not_supported":
         cfg["model_type"], cfg["architectures"] = "mistral", ["MistralForCausalLM"]
     elif case == "shape":
         cfg["intermediate_size"] = 128

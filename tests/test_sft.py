@@ -59,17 +59,23 @@ def test_template_renders_meta_llama3_format(tokenizer):
         assert ours == meta
 
 
-def test_only_assistant_replies_and_their_eot_carry_loss(tokenizer):
-    from megaprolong.sft.chat import IGNORE, tokenize_conversation
-
-    # The expected text, built by hand from the Llama-3 format, with the character spans that must be trained.
-    text, spans = "<|begin_of_text|>", []
-    for m in CHAT:
+def _llama_turns(text: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """``text`` followed by Llama-3 turns written by hand, and the character spans of the trained replies."""
+    spans = []
+    for m in messages:
         text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
         start = len(text)
         text += m["content"].strip() + "<|eot_id|>"
         if m["role"] == "assistant":
             spans.append((start, len(text)))
+    return text, spans
+
+
+def test_only_assistant_replies_and_their_eot_carry_loss(tokenizer):
+    from megaprolong.sft.chat import IGNORE, tokenize_conversation
+
+    # The expected text, built by hand from the Llama-3 format, with the character spans that must be trained.
+    text, spans = _llama_turns("<|begin_of_text|>", CHAT)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     expected = [any(a <= s and e <= b for a, b in spans) for s, e in enc["offset_mapping"]]
     ids, labels = tokenize_conversation(tokenizer, CHAT)
@@ -79,6 +85,66 @@ def test_only_assistant_replies_and_their_eot_carry_loss(tokenizer):
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     trained_eots = [t for t, label in zip(ids, labels) if label == eot]
     assert len(trained_eots) == 2  # each reply's end-of-turn token, not the user's or system's
+
+
+def _llama31_reference(messages):
+    """Llama-3.1's rendering by hand (Meta's template without tools) and the character spans trained."""
+    system = messages[0]["content"].strip() if messages[0]["role"] == "system" else ""
+    rest = messages[1:] if messages[0]["role"] == "system" else messages
+    return _llama_turns("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+                        f"December 2023\nToday Date: 26 Jul 2024\n\n{system}<|eot_id|>", rest)
+
+
+def _chatml_reference(messages, default_system):
+    """Qwen's ChatML by hand: the reply and its <|im_end|> trained, the newline after it not."""
+    text, spans = "", []
+    if default_system and messages[0]["role"] != "system":
+        text += f"<|im_start|>system\n{default_system}<|im_end|>\n"
+    for m in messages:
+        text += f"<|im_start|>{m['role']}\n"
+        start = len(text)
+        text += m["content"] + "<|im_end|>"
+        if m["role"] == "assistant":
+            spans.append((start, len(text)))
+        text += "\n"
+    return text, spans
+
+
+@pytest.mark.parametrize("chat_format", ["llama3.1", "qwen2.5", "chatml"])
+@pytest.mark.parametrize("with_system", [True, False])
+def test_family_chat_formats_train_exactly_the_replies(tiny_tokenizer, chat_format, with_system):
+    from transformers import AutoTokenizer
+
+    from megaprolong.sft.chat import IGNORE, QWEN25_SYSTEM, prepare_tokenizer, tokenize_conversation
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    if chat_format != "llama3.1":
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok = prepare_tokenizer(tok, chat_format)
+    messages = CHAT if with_system else CHAT[1:]
+    if chat_format == "llama3.1":
+        text, spans = _llama31_reference(messages)
+    else:
+        text, spans = _chatml_reference(messages, QWEN25_SYSTEM if chat_format == "qwen2.5" else None)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    expected = [any(a <= s and e <= b for a, b in spans) for s, e in enc["offset_mapping"]]
+    ids, labels = tokenize_conversation(tok, messages)
+    assert ids == enc["input_ids"]
+    assert [label != IGNORE for label in labels] == expected
+    end = tok.convert_tokens_to_ids("<|eot_id|>" if chat_format == "llama3.1" else "<|im_end|>")
+    assert tok.eos_token_id == end and sum(label == end for label in labels) == 2  # each reply's end of turn
+    prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    assert text.startswith(prompt) and prompt.endswith("<|end_header_id|>\n\n" if chat_format == "llama3.1"
+                                                     else "<|im_start|>assistant\n")
+
+
+def test_chat_format_follows_the_model_family():
+    from megaprolong.sft.chat import chat_format_for
+
+    assert chat_format_for({"model_type": "llama", "rope_parameters": {"rope_type": "default"}}) == "llama3"
+    assert chat_format_for({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}) == "llama3.1"
+    assert chat_format_for({"model_type": "qwen2"}) == "qwen2.5"
+    assert chat_format_for({"model_type": "qwen3"}) == "chatml"
 
 
 def test_bad_conversations_are_counted_or_strict_errors(tmp_path, tokenizer):
@@ -219,7 +285,7 @@ def _sft(nproc: int, chat_model, chats, out: Path, *extra: str) -> list[dict]:
         assert proc.returncode == 0, proc.stderr[-4000:]
         stdout = proc.stdout
     wanted = next((a.split("=", 1)[1] for a in extra if a.startswith("train.attn_implementation=")), "sdpa")
-    assert f"megaprolong-sft: attention {wanted}" in stdout
+    assert f"megaprolong-sft: attention {wanted}, chat format llama3" in stdout
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 

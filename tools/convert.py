@@ -1,4 +1,5 @@
-"""``megaprolong-convert``: HF Llama <-> megatron-core distributed checkpoints (logic in megaprolong.convert)."""
+"""``megaprolong-convert``: HF checkpoints (Llama-3.x, Qwen2.5, Qwen3) <-> megatron-core distributed checkpoints
+(logic in megaprolong.convert)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import sys
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="megaprolong-convert",
-                                description="Convert between HF Llama checkpoints and megaprolong's megatron-core "
+                                description="Convert between HF checkpoints (Llama-3.x, Qwen2.5, Qwen3 dense) and megaprolong's megatron-core "
                                             "distributed checkpoints (which load under any TP/PP/CP layout).")
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("hf-to-mcore", help="HF Llama directory -> OUT/step_00000000 (train with checkpoint.load=OUT)")
+    a = sub.add_parser("hf-to-mcore", help="HF model directory -> OUT/step_00000000 (train with checkpoint.load=OUT)")
     a.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors, sharded or not, or .bin)")
     a.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --force)")
     a.add_argument("--tp", type=int, default=1, help="tensor-parallel size the checkpoint will be trained with (checked)")
@@ -28,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--ckpt", required=True, help="a step_N checkpoint, or a run's checkpoint dir (newest is used)")
     b.add_argument("--out", required=True, help="output HF directory (must not exist unless --force)")
     b.add_argument("--tokenizer", help="HF tokenizer directory whose files are copied into OUT")
-    b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="saved dtype")
+    b.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the HF weights (default: the dtype the checkpoint was saved in)")
     b.add_argument("--max-shard-gb", type=float, default=1.0,
                    help="size of each safetensors file, GiB: also the most of the output held in memory at once")
     b.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -38,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megaprolong.convert import jobs
-    from megaprolong.convert.llama_hf import ConversionError
+    from megaprolong.convert.hf import ConversionError
 
     try:
         if args.command == "hf-to-mcore":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megaprolong.convert.llama_hf import (ConversionError, HFCheckpoint, conversion_rules, hf_config,
+from megaprolong.convert.hf import (ConversionError, HFCheckpoint, conversion_rules, hf_config,
                                           model_config_from_hf)
 from megaprolong.model.config import ModelConfig
 
@@ -145,12 +145,25 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
-def mcore_to_hf(ckpt: str, out: str, tokenizer: str | None = None, dtype: str = "bfloat16",
+def saved_dtype(step: Path) -> str:
+    """The dtype the checkpoint's weights were saved in (its embedding's, from the checkpoint metadata)."""
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+
+    tensors = load_tensors_metadata(str(step))
+    embedding = tensors.get("embedding.word_embeddings.weight")
+    if embedding is None:
+        raise ConversionError(f"{step}: no embedding.word_embeddings.weight in the checkpoint")
+    return str(embedding.dtype).removeprefix("torch.")
+
+
+def mcore_to_hf(ckpt: str, out: str, tokenizer: str | None = None, dtype: str | None = None,
                 force: bool = False, max_shard_bytes: int = SHARD_BYTES) -> Path:
-    """A megaprolong checkpoint (any layout) -> HF safetensors + config (+ tokenizer) in ``out``."""
+    """A megaprolong checkpoint (any layout) -> HF safetensors + config (+ tokenizer) in ``out``, in
+    ``dtype`` (default: the dtype the checkpoint was saved in)."""
     from megaprolong.convert.streaming import TensorReader
 
     step = resolve_checkpoint(ckpt)
+    dtype = dtype or saved_dtype(step)
     meta = json.loads((step / "megaprolong.json").read_text())
     m = ModelConfig(**meta["config"]["model"])
     m.rope_base = float(meta["rope_base"])

@@ -8,9 +8,13 @@ ATTENTION_BACKENDS = ("auto", "torch", "te")
 ATTENTION_KERNELS = ("auto", "torch-varlen", "flash-attn", "sdpa", "cpu-blockwise")
 
 
+ROPE_SCALINGS = ("none", "llama3")
+
+
 @dataclass
 class ModelConfig:
-    """Architecture of a Llama-3 model (defaults: Llama-3-8B), and which attention implementation runs it."""
+    """Architecture of a dense decoder (defaults: Llama-3-8B), and which attention implementation runs it.
+    The family features (:mod:`megaprolong.model.families`) are flags of the one megatron-core GPTModel."""
 
     num_layers: int = 32  # transformer layers
     hidden_size: int = 4096  # model width
@@ -22,6 +26,16 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     max_position_embeddings: int = 8192  # recorded in exported configs; RoPE itself has no length limit
     init_std: float = 0.02  # std of the random initialization (a run that loads a checkpoint ignores it)
+    family: str = "llama"  # llama | qwen2 | qwen3: the HF architecture exported (megaprolong.model.families)
+    kv_channels: int | None = None  # per-head width; None: hidden_size / num_attention_heads (Qwen3 sets it)
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2 / Qwen2.5)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+    tie_embeddings: bool = False  # one matrix for the input embedding and the output layer (Llama-3.2 1B/3B, small Qwen)
+    # RoPE policy: none = plain RoPE at rope_base (ProLong's choice: replace a base model's scaling by a larger
+    # base); llama3 = keep Llama-3.1's frequency scaling (factor below; low/high frequency factors 1 and 4
+    # over an original context of 8192, the only values megatron-core computes)
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 8.0  # Llama-3.1 / 3.3: 8; Llama-3.2: 32
     # Embedding and output rows are padded to a multiple of this (tensor parallelism splits the vocabulary):
     # the padded logits are masked out of the softmax, and the padded rows are stripped on export to HF.
     vocab_multiple: int = 1
@@ -35,7 +49,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
     def padded_vocab_size(self) -> int:

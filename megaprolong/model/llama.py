@@ -1,9 +1,13 @@
-"""The Llama-3 family as a megatron-core GPTModel, composed from layer specs (never forked modules).
+"""Llama-style dense decoders as a megatron-core GPTModel, composed from layer specs (never forked modules).
 
-Llama-3: RMSNorm (pre-norm), SwiGLU MLP, grouped-query attention, RoPE with a configurable base, untied
-input/output embeddings, no biases. The layer spec follows ``model.attention_backend``, never the platform
-alone: megatron-core's local modules with our document-masked attention (``torch``, the default everywhere),
-or TransformerEngine's fused modules (``te``, opt-in: it has never run on a machine with TE).
+Llama-3: RMSNorm (pre-norm), SwiGLU MLP, grouped-query attention, RoPE with a configurable base, no biases.
+The other families (:mod:`megaprolong.model.families`) are megatron-core's own switches on the same model:
+QKV biases (``add_qkv_bias``), per-head QK RMSNorm (``qk_layernorm``, our norm in the spec), a head width
+independent of hidden / heads (``kv_channels``), one embedding matrix for input and output
+(``share_embeddings_and_output_weights``), and Llama-3.1's RoPE frequency scaling (``rope_scaling``).
+The layer spec follows ``model.attention_backend``, never the platform alone: megatron-core's local modules
+with our document-masked attention (``torch``, the default everywhere), or TransformerEngine's fused modules
+(``te``, opt-in: it has never run on a machine with TE).
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ def transformer_config(model: ModelConfig, **parallel_and_runtime) -> Transforme
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_std,
@@ -91,14 +96,15 @@ def layer_spec(model: ModelConfig) -> ModuleSpec:
     from megatron.core.models.gpt import gpt_layer_specs
 
     if attention_backend(model) == "te":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
     from megaprolong.model.attention import DocumentMaskedAttention, SelfAttention
 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     attn = spec.submodules.self_attention
     core = ModuleSpec(module=DocumentMaskedAttention, params={"kernel": model.attention_kernel})
+    qk_norm = {"q_layernorm": RMSNorm, "k_layernorm": RMSNorm} if model.qk_norm else {}
     attn = ModuleSpec(module=SelfAttention, params=attn.params,
-                      submodules=dataclasses.replace(attn.submodules, core_attention=core))
+                      submodules=dataclasses.replace(attn.submodules, core_attention=core, **qk_norm))
     submodules = dataclasses.replace(spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm,
                                      self_attention=attn)
     return ModuleSpec(module=spec.module, params=spec.params, submodules=submodules)
@@ -126,7 +132,7 @@ def build_model(
     post_process: bool = True,
     vp_stage: int | None = None,
 ) -> GPTModel:
-    """One pipeline stage (or the whole model) of the Llama GPTModel on the current device."""
+    """One pipeline stage (or the whole model) of the GPTModel on the current device."""
     return GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(model, config, vp_stage),
@@ -134,8 +140,10 @@ def build_model(
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=model.rope_base,
+        rope_scaling=model.rope_scaling == "llama3",
+        rope_scaling_factor=model.rope_scaling_factor,
         vp_stage=vp_stage,
     )

@@ -7,7 +7,10 @@ tensor by tensor, and full weights can be loaded into any layout:
 - tensor-parallel shards are joined along their ``partition_dim``; ``linear_fc1`` (SwiGLU) holds
   ``[gate_r; up_r]`` on each TP rank, so its shards are regrouped into ``[gate; up]``;
 - the fused QKV weight is per query group ``[q.., k, v]``, and TP ranks hold whole groups, so plain
-  concatenation already gives the 1-rank layout.
+  concatenation already gives the 1-rank layout;
+- with tied embeddings under pipeline parallelism the last stage holds a copy of the embedding as
+  ``output_layer.weight`` (megatron keeps the two equal: their gradients are summed over the embedding
+  group): it goes by the embedding's name, as on one rank, where there is no output weight at all.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ def _global_names(chunk: torch.nn.Module):
     """(global name, parameter) for one model chunk; layer indices made global."""
     model = unwrap_model(chunk)
     offset = model.decoder.layers[0].layer_number - 1 if len(model.decoder.layers) else 0
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
     for name, param in model.named_parameters():
         name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
-        yield name, param
+        yield ("embedding.word_embeddings.weight" if tied and name == "output_layer.weight" else name), param
 
 
 def _is_gated_fc1(name: str) -> bool:

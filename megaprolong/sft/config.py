@@ -46,6 +46,9 @@ class SFTLoggingConfig:
 class SFTConfig:
     model: str | None = None  # HF model folder (megaprolong-convert mcore-to-hf output)
     tokenizer: str | None = None  # default: the model folder
+    # auto: from the model's config.json: chatml for Qwen3, qwen2.5 (ChatML + its default system prompt) for
+    # Qwen2/2.5, llama3.1 for a Llama with Llama-3 RoPE scaling (3.1/3.2/3.3), else llama3
+    chat_format: Literal["auto", "llama3", "llama3.1", "qwen2.5", "chatml"] = "auto"
     output_dir: str | None = None  # the fine-tuned HF model goes here
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)

@@ -141,8 +141,8 @@ def _final_save(trainer: Any, tokenizer: Any, out: Path) -> Path:
     trainer.save_model(str(tmp))  # collective under FSDP: every rank calls it
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(str(tmp))
-        # the trainer's token alignment turned it into a list: generation stops on <|eot_id|>, one id
-        trainer.model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+        # the trainer's token alignment turned it into a list: generation stops on the end of a reply, one id
+        trainer.model.generation_config.eos_token_id = tokenizer.eos_token_id
         trainer.model.generation_config.save_pretrained(str(tmp))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
@@ -160,7 +160,7 @@ def run_sft(cfg: SFTConfig) -> Path | None:
     from trl import SFTTrainer
 
     from megaprolong.runtime.preemption import StopRequest
-    from megaprolong.sft.chat import prepare_tokenizer
+    from megaprolong.sft.chat import chat_format_for, prepare_tokenizer
     from megaprolong.sft.data import build_sft_dataset
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -179,7 +179,10 @@ def run_sft(cfg: SFTConfig) -> Path | None:
     attempt = start_attempt(Path(cfg.output_dir), rank0=int(os.environ.get("RANK", 0)) == 0)
     args = training_arguments(cfg, world_size, cuda)
     transformers.set_seed(cfg.train.seed)
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model))
+    chat_format = cfg.chat_format
+    if chat_format == "auto":
+        chat_format = chat_format_for(json.loads((Path(cfg.model) / "config.json").read_text()))
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model), chat_format)
     with args.main_process_first(local=True, desc="SFT data"):
         if cfg.data.prepare == "tiny" and not Path(cfg.data.path).exists():
             from megaprolong.data.tiny import synthetic_chats, write_jsonl
@@ -197,9 +200,9 @@ def run_sft(cfg: SFTConfig) -> Path | None:
         cfg.model, dtype=torch.float32, attn_implementation=attention,
         use_cache=False)  # with a cache transformers would let packed conversations see each other
     if args.process_index == 0:
-        print(f"megaprolong-sft: attention {attention}", flush=True)
+        print(f"megaprolong-sft: attention {attention}, chat format {chat_format}", flush=True)
     # The RoPE base (and every other field) of the long-context checkpoint is kept as saved.
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
     last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     metrics = _MetricsFile(Path(cfg.logging.metrics_file or Path(cfg.output_dir) / "metrics.jsonl"), fresh=last is None)
     stop = StopRequest()

@@ -11,6 +11,10 @@ Weights are saved reshardable (they load under any TP/PP/CP/DP layout). Optimize
 stage's last save is ``fully_reshardable`` (megatron gathers the optimizer state of a TP x PP shard onto
 each data-parallel rank, once per stage) so that the next stage loads weights and Adam state under its own
 layout. Loading a ``dp_reshardable`` checkpoint under another TP/PP gives weights only, which the log says.
+
+A synchronous save writes each tensor as it goes (:mod:`megaprolong.training.sync_save`), so a periodic save
+costs no memory beyond the rank's own state; an asynchronous one (``checkpoint.async_save``) first copies the
+rank's shard to host memory so that training can go on while a background process writes it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megaprolong.config import ConfigError
+from megaprolong.model.config import ModelConfig
 from megaprolong.model.state import unwrap_model
 from megaprolong.runtime.mcore_fixes import checkpoint_results_queue_dies_with_worker
 from megaprolong.training import manifest
@@ -214,7 +219,12 @@ def load(trainer, path: str | Path, resume: bool) -> dict:
     path = Path(path)
     meta = json.loads((path / _META).read_text())
     saved = meta.get("config", {}).get("model", {})
-    for key in ("vocab_size", "vocab_multiple", "num_layers", "hidden_size", "num_query_groups"):
+    saved_head_dim = ModelConfig(**saved).head_dim if saved else trainer.cfg.model.head_dim
+    if saved_head_dim != trainer.cfg.model.head_dim:
+        raise ConfigError(f"{path}: the checkpoint has heads of {saved_head_dim} channels, the recipe "
+                          f"{trainer.cfg.model.head_dim}: set model.kv_channels={saved_head_dim}")
+    for key in ("vocab_size", "vocab_multiple", "num_layers", "hidden_size", "num_query_groups", "family",
+                "qkv_bias", "qk_norm", "tie_embeddings"):
         if key in saved and saved[key] != getattr(trainer.cfg.model, key):
             raise ConfigError(f"{path}: the checkpoint has model.{key}={saved[key]}, the recipe "
                               f"{getattr(trainer.cfg.model, key)}: set model.{key}={saved[key]}")

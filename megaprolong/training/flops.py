@@ -17,8 +17,8 @@ def forward_flops(model: ModelConfig, doc_lengths: np.ndarray) -> float:
     lengths = np.asarray(doc_lengths, dtype=np.float64)
     tokens = lengths.sum()
     h, d = model.hidden_size, model.head_dim
-    kv = model.num_query_groups * d
-    per_token_layer = 2 * h * (h + 2 * kv) + 2 * h * h + 2 * 3 * h * model.ffn_hidden_size  # qkv, proj, SwiGLU
+    q, kv = model.num_attention_heads * d, model.num_query_groups * d  # q is h unless kv_channels is set
+    per_token_layer = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * model.ffn_hidden_size  # qkv, proj, SwiGLU
     # causal attention inside each document: QK^T and AV over L(L+1)/2 pairs, all heads
     attention_layer = 2 * 2 * model.num_attention_heads * d * float(np.sum(lengths * (lengths + 1) / 2))
     logits = 2 * h * model.vocab_size * tokens

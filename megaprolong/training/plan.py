@@ -49,18 +49,18 @@ def calibrated_mfu() -> float:
     return PROLONG_STAGE1_TOKENS_PER_GPU * per_token / H100_BF16_PEAK
 
 
-def _params(m: ModelConfig) -> tuple[float, float]:
-    """(parameters of one decoder layer, parameters of embedding + output layer)."""
-    h, kv = m.hidden_size, m.num_query_groups * m.head_dim
-    layer = h * (h + 2 * kv) + h * h + 3 * h * m.ffn_hidden_size + 2 * h
-    return layer, 2 * m.vocab_size * h
+def _layer_params(m: ModelConfig) -> float:
+    """Parameters of one decoder layer."""
+    h, q, kv = m.hidden_size, m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim
+    layer = h * (q + 2 * kv) + q * h + 3 * h * m.ffn_hidden_size + 2 * h
+    return layer
 
 
 def estimate(cfg: Config, gpus: int, tp: int, pp: int, cp: int, mfu: float) -> Estimate:
     m, t = cfg.model, cfg.train
     dp = gpus // (tp * pp * cp)
-    layer, embed = _params(m)
-    per_rank = (layer * m.num_layers / pp + embed / 2) / tp  # the first (or last) stage holds one of them
+    layer = _layer_params(m)
+    per_rank = (layer * m.num_layers / pp + m.vocab_size * m.hidden_size) / tp  # the first (or last) stage: one matrix
     tokens = t.seq_length / cp / (tp if cfg.parallel.sequence_parallel else 1)
     layers_here = m.num_layers / pp
     if t.recompute == "full":

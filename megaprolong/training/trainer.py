@@ -10,6 +10,7 @@ short and long micro-batches alike, which is not the token average ProLong train
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -307,7 +308,22 @@ def _start(trainer: Trainer, log) -> None:
         found = checkpoint.complete_checkpoints(ck.load)  # a run's checkpoint dir: its newest
         meta = checkpoint.load(trainer, found[-1] if found else ck.load, resume=False)
         log(f"stage start from {found[-1] if found else ck.load} (step {meta['step']}){_optimizer_note(meta)}; LR schedule restarts; "
-            f"RoPE base {trainer.cfg.model.rope_base:g} (checkpoint had {meta['rope_base']:g})")
+            f"{_rope_note(trainer.cfg.model, meta)}")
+
+
+def _rope_text(model: dict) -> str:
+    text = f"theta {float(model['rope_base']):g}"
+    if model.get("rope_scaling", "none") != "none":
+        text += f", {model['rope_scaling']} scaling x{model.get('rope_scaling_factor', 8.0):g}"
+    return text
+
+
+def _rope_note(model, meta: dict) -> str:
+    """The RoPE policy of a stage start: the recipe's RoPE (model.rope_base, model.rope_scaling) is what
+    trains and what is exported; the checkpoint's is only reported."""
+    saved = {**meta.get("config", {}).get("model", {}), "rope_base": meta["rope_base"]}
+    before, now = _rope_text(saved), _rope_text(dataclasses.asdict(model))
+    return f"RoPE {now}" + (" (kept from the checkpoint)" if before == now else f" (replaces the checkpoint's {before})")
 
 
 def _optimizer_note(meta: dict) -> str:

@@ -4,6 +4,7 @@ Usage: hf_logits.py HF_DIR MCORE_DIR [key=value ...]. Prints HF_LOGITS_OK when t
 1e-4 and the per-token training loss equals transformers' cross-entropy (a padded vocabulary included).
 """
 
+import json
 import sys
 
 import torch
@@ -13,7 +14,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megaprolong.config import load_config
 from megaprolong.convert.jobs import resolve_checkpoint
-from megaprolong.convert.llama_hf import HFCheckpoint, model_config_from_hf
+from megaprolong.convert.hf import HFCheckpoint, model_config_from_hf
 from megaprolong.runtime.device import device
 from megaprolong.training import checkpoint
 from megaprolong.training.config import Config
@@ -23,7 +24,7 @@ from megaprolong.training.trainer import Trainer
 def main(hf_dir, mcore_dir, overrides):
     m = model_config_from_hf(HFCheckpoint(hf_dir).config)
     cfg = load_config(Config, None, [
-        f"model.{k}={v}" for k, v in vars(m).items()] + ["train.precision=fp32", "train.recompute=none",
+        f"model.{k}={json.dumps(v)}" for k, v in vars(m).items()] + ["train.precision=fp32", "train.recompute=none",
                                                           "train.seq_length=32", "train.global_batch_size=4",
                                                           *overrides])
     trainer = Trainer(cfg)
