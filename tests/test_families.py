@@ -70,15 +70,19 @@ def convert(*args):
                           cwd=REPO, timeout=300)
 
 
-@pytest.fixture(scope="module", params=FAMILY_NAMES)
-def converted(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(request.param.replace(".", "_"))
-    hf = tiny_family(d / "hf", request.param)
-    out = convert("hf-to-mcore", "--hf", hf, "--out", d / "mcore", "--tp", 2, "--pp", 2, "--verify",
-                  "--tolerance", "1e-4")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["ok"]
-    return request.param, d, hf
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Each family's tiny model converted (and verified against transformers, 1e-4) for TP2 x PP2."""
+    models = {}
+    for name in FAMILY_NAMES:
+        d = tmp_path_factory.mktemp(name.replace(".", "_"))
+        hf = tiny_family(d / "hf", name)
+        out = convert("hf-to-mcore", "--hf", hf, "--out", d / "mcore", "--tp", 2, "--pp", 2, "--verify",
+                      "--tolerance", "1e-4")
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert json.loads(out.stdout.strip().splitlines()[-1])["ok"]
+        models[name] = d, hf
+    return models
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -90,10 +94,11 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return found
 
 
-def test_round_trip_is_bitwise_and_transformers_reproduces_the_model(converted):
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_round_trip_is_bitwise_and_transformers_reproduces_the_model(converted, name):
     from transformers import AutoModelForCausalLM
 
-    name, d, hf = converted
+    d, hf = converted[name]
     out = convert("mcore-to-hf", "--ckpt", d / "mcore", "--out", d / "back")  # no --dtype: the checkpoint's own
     assert out.returncode == 0, out.stderr[-3000:]
     a, b = _tensors(hf), _tensors(d / "back")
@@ -114,9 +119,11 @@ def test_round_trip_is_bitwise_and_transformers_reproduces_the_model(converted):
 @pytest.mark.parametrize("layout", [(2, ["parallel.tp=2"]), (2, ["parallel.pp=2"]),
                                     (4, ["parallel.tp=2", "parallel.pp=2"])], ids=["tp2", "pp2", "tp2_pp2"])
 def test_megatron_logits_under_tp_pp_equal_transformers(converted, layout):
-    _, d, hf = converted
     nproc, overrides = layout
-    assert "HF_LOGITS_OK" in torchrun("hf_logits.py", nproc, str(hf), str(d / "mcore"), *overrides)
+    pairs = [str(p) for d, hf in converted.values() for p in (hf, d / "mcore")]
+    out = torchrun("hf_logits.py", nproc, *pairs, *overrides, timeout=400)
+    for name, (_, hf) in converted.items():
+        assert f"HF_LOGITS_OK {hf}" in out, name
 
 
 def test_rope_scaling_changes_the_logits():
@@ -183,7 +190,7 @@ def test_stage_start_rope_policy_is_exported_exactly(llama31, tmp_path, policy, 
     model = [f"model.{k}={json.dumps(getattr(m, k))}" for k in ("num_layers", "hidden_size", "ffn_hidden_size",
                                                                    "num_attention_heads", "num_query_groups",
                                                                    "vocab_size", "norm_eps")]
-    args = ["--config", str(REPO / "examples/tiny_stage1.yaml"), f"data.root={tmp_path / 'data'}",
+    args = ["--config", str(REPO / "examples/tiny_stage1.yaml"), f"data.root={llama31 / 'data'}",  # built once
             f"checkpoint.load={llama31 / 'mcore'}", f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.resume=none",
             f"logging.metrics_file={tmp_path / 'metrics.jsonl'}", "train.steps=2", "train.global_batch_size=4",
             "train.micro_batch_size=1", *model, *overrides]

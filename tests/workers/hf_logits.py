@@ -1,7 +1,8 @@
 """Logits of a converted checkpoint under a parallel layout vs transformers (run under torchrun).
 
-Usage: hf_logits.py HF_DIR MCORE_DIR [key=value ...]. Prints HF_LOGITS_OK when the logits agree within
-1e-4 and the per-token training loss equals transformers' cross-entropy (a padded vocabulary included).
+Usage: hf_logits.py HF_DIR MCORE_DIR [HF_DIR MCORE_DIR ...] [key=value ...]: each pair is checked in turn
+under the same layout (one launch). Prints HF_LOGITS_OK HF_DIR for each pair whose logits agree within 1e-4
+and whose per-token training loss equals transformers' cross-entropy (a padded vocabulary included).
 """
 
 import json
@@ -21,7 +22,7 @@ from megaprolong.training.config import Config
 from megaprolong.training.trainer import Trainer
 
 
-def main(hf_dir, mcore_dir, overrides):
+def check(hf_dir, mcore_dir, overrides):
     m = model_config_from_hf(HFCheckpoint(hf_dir).config)
     cfg = load_config(Config, None, [
         f"model.{k}={json.dumps(v)}" for k, v in vars(m).items()] + ["train.precision=fp32", "train.recompute=none",
@@ -62,9 +63,12 @@ def main(hf_dir, mcore_dir, overrides):
     flag = torch.tensor([1.0 if out.get("ok") else 0.0], device=device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0 and flag.item() == 1.0:
-        print("HF_LOGITS_OK")
-    dist.destroy_process_group()
+        print(f"HF_LOGITS_OK {hf_dir}", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    paths = [a for a in sys.argv[1:] if "=" not in a]
+    overrides = [a for a in sys.argv[1:] if "=" in a]
+    for hf_dir, mcore_dir in zip(paths[::2], paths[1::2], strict=True):
+        check(hf_dir, mcore_dir, overrides)
+    dist.destroy_process_group()
