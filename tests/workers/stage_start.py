@@ -39,7 +39,7 @@ def main(ckpt: str, mix: str, root: str):
     assert trainer.step == 0 and trainer.optimizer.param_groups[0]["lr"] == 0.0, "schedule must restart (warmup)"
     assert all(g["max_lr"] == 5e-4 for g in trainer.optimizer.param_groups), "the new stage's peak LR"
     assert "weights + optimizer state" in logs[0], logs
-    assert "LR schedule restarts" in logs[0] and "RoPE base 1.28e+08 (checkpoint had 8e+06)" in logs[0], logs
+    assert "LR schedule restarts" in logs[0] and "RoPE theta 1.28e+08 (replaces the checkpoint's theta 8e+06)" in logs[0], logs
     inv_freq = model.rotary_pos_emb.inv_freq.double()
     d = cfg.model.head_dim
     want = 1.0 / (128000000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
