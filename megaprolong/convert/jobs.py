@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megaprolong.convert.hf import (ConversionError, HFCheckpoint, conversion_rules, hf_config,
-                                          model_config_from_hf)
+from megaprolong.convert.hf import ConversionError, HFCheckpoint, conversion_rules, hf_config, model_config_from_hf
 from megaprolong.model.config import ModelConfig
 
 SHARD_BYTES = 1 << 30  # HF shard size: also the most that mcore-to-hf holds of the output
@@ -27,7 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def _single_rank_model(m: ModelConfig, dtype: torch.dtype = torch.float32, meta: bool = False):
-    """A 1-rank megatron-core Llama in ``dtype``, process groups started if needed. ``meta``: on the meta
+    """A 1-rank megatron-core GPTModel in ``dtype``, process groups started if needed. ``meta``: on the meta
     device (no memory; its sharded state dict describes the checkpoint's tensors)."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -66,8 +65,8 @@ def _finish(tmp: Path, out: Path) -> None:
 
 def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, rope_base: float | None = None,
                 force: bool = False, vocab_multiple: int | None = None) -> Path:
-    """HF Llama -> ``OUT/step_00000000`` (weights only), loadable as a stage start (checkpoint.load=OUT).
-    The vocabulary is padded to a multiple of ``vocab_multiple`` (default: 128 when ``tp`` does not divide
+    """An HF checkpoint (Llama-3.x, Qwen2.5, Qwen3) -> ``OUT/step_00000000`` (weights only), loadable as a
+    stage start (checkpoint.load=OUT). The vocabulary is padded to a multiple of ``vocab_multiple`` (default: 128 when ``tp`` does not divide
     it, as Megatron-LM pads, else no padding)."""
     from megaprolong.convert.streaming import save_produced
 

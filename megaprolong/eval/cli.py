@@ -86,7 +86,7 @@ def _helmet(argv: list[str]) -> int:
         "check that every dataset produced its output, and report HELMET's scores, category averages and overall "
         "figure in OUT/results.json and a table. Outputs go to OUT/output/<model>-<hash>: one folder per model."))
     p.add_argument("--helmet-dir", required=True, type=Path, help="HELMET checkout (eval.py, configs/, data/)")
-    p.add_argument("--model", help="HF model folder (needed unless --collect-only)")
+    p.add_argument("--model", required=True, help="HF model folder (its path also names its output folder)")
     p.add_argument("--python", default=sys.executable,
                    help="the interpreter of HELMET's environment (default: this one); its imports are checked first")
     p.add_argument("--lengths", type=_csv(int), default=[8192, 16384, 32768, 65536, 131072],
@@ -107,8 +107,6 @@ def _helmet(argv: list[str]) -> int:
     args = p.parse_args(argv)
     failures: list[str] = []
     try:
-        if not args.model:
-            raise ConfigError("--model is required (it names the output folder)")
         model = helmet.check_model_path(args.model)
         entries = helmet.helmet_entries(args.helmet_dir, args.lengths, args.categories)
         configs = sorted((args.out / "configs").glob("*.yaml")) if args.collect_only else []
