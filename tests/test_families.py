@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from launch import torchrun
+from test_convert import convert
 from test_parallel_parity import assert_matches
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,11 +64,6 @@ def randomized(config):
 def tiny_family(path: Path, name: str) -> Path:
     randomized(family_config(name)).save_pretrained(path, max_shard_size="200KB")
     return path
-
-
-def convert(*args):
-    return subprocess.run([sys.executable, "-m", "tools.convert", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
 
 
 @pytest.fixture(scope="module")

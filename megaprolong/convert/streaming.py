@@ -56,8 +56,7 @@ class _ProducingSave(SynchronousSave):
         self.chunks, self.produce = chunks, produce
 
     def planner(self) -> MCoreSavePlanner:
-        return _ProducingPlanner(self.chunks, self.produce, dedup_replicated_tensors=not self.keep_only_main_replica,
-                                 flatten_state_dict=False, flatten_sharded_tensors=False)
+        return _ProducingPlanner(self.chunks, self.produce, **self.planner_settings())
 
 
 class _ProducingPlanner(ExactStoragePlanner):

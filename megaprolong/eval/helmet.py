@@ -73,7 +73,6 @@ HELMET_IMPORTS = {"torch": "torch", "transformers": "transformers", "datasets": 
                   "rouge_score": "rouge-score", "pytrec_eval": "pytrec-eval-terrier", "pkg_resources": "'setuptools<81'",
                   "yaml": "pyyaml", "tqdm": "tqdm", "numpy": "numpy"}
 LAUNCHER = Path(__file__).with_name("helmet_launcher.py")
-_MODEL_RECORD = "megaprolong-model.json"
 
 
 @dataclass
@@ -206,10 +205,6 @@ def write_configs(helmet_dir: Path, model: str, entries: list[Entry], out: Path,
     fp32)."""
     output_dir = model_output_dir(out, model)
     output_dir.mkdir(parents=True, exist_ok=True)
-    record = output_dir / _MODEL_RECORD
-    if record.exists() and json.loads(record.read_text())["model_name_or_path"] != model:
-        raise ConfigError(f"{output_dir}: holds outputs of {json.loads(record.read_text())['model_name_or_path']}")
-    record.write_text(json.dumps({"model_name_or_path": model}))
     (out / "configs").mkdir(parents=True, exist_ok=True)
     written = []
     for source in dict.fromkeys(e.source for e in entries):
@@ -272,7 +267,7 @@ def run(helmet_dir: Path, python: str, configs: list[Path], out: Path) -> list[s
         for e in configured_entries([config]):
             if not score_file(output_dir, e.args).exists():
                 failures.append(f"{e.dataset}@{e.length}: no output from HELMET (log {log_path}):\n"
-                                f"{_indent(error_lines(text, e.dataset))}{_hub_advice(text, e.dataset)}")
+                                f"{_indent(error_lines(text, e.dataset))}{_hub_advice(e.dataset)}")
         if proc.returncode and not failures:
             failures.append(f"{config.name}: HELMET exited {proc.returncode}:\n{_indent(error_lines(text, ''))}")
     return failures
@@ -282,8 +277,13 @@ def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
 
 
-def _hub_advice(log: str, dataset: str) -> str:
-    if not any(h in dataset for h in HUB_DATASETS) or os.environ.get("HF_HUB_OFFLINE") == "1":
+def _needs_hub(dataset: str) -> bool:
+    """HELMET loads ``dataset`` from the Hub, and HF_HUB_OFFLINE is not set (so offline it waits on timeouts)."""
+    return any(h in dataset for h in HUB_DATASETS) and os.environ.get("HF_HUB_OFFLINE") != "1"
+
+
+def _hub_advice(dataset: str) -> str:
+    if not _needs_hub(dataset):
         return ""
     return ("\n    (HELMET loads this dataset from the Hugging Face Hub: without network, run with HF_HUB_OFFLINE=1 "
             "and the dataset in the HF cache)")
@@ -291,8 +291,8 @@ def _hub_advice(log: str, dataset: str) -> str:
 
 def hub_note(entries: list[Entry]) -> str | None:
     """A note before running, when datasets come from the Hub and HF_HUB_OFFLINE is not set."""
-    hub = sorted({e.dataset for e in entries if any(h in e.dataset for h in HUB_DATASETS)})
-    if not hub or os.environ.get("HF_HUB_OFFLINE") == "1":
+    hub = sorted({e.dataset for e in entries if _needs_hub(e.dataset)})
+    if not hub:
         return None
     return (f"HELMET loads {', '.join(hub)} from the Hugging Face Hub; offline, set HF_HUB_OFFLINE=1 (with them in the "
             f"HF cache), or each waits for network timeouts")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 ATTENTION_BACKENDS = ("auto", "torch", "te")
 ATTENTION_KERNELS = ("auto", "torch-varlen", "flash-attn", "sdpa", "cpu-blockwise")
-
-
-ROPE_SCALINGS = ("none", "llama3")
 
 
 @dataclass
@@ -34,7 +32,7 @@ class ModelConfig:
     # RoPE policy: none = plain RoPE at rope_base (ProLong's choice: replace a base model's scaling by a larger
     # base); llama3 = keep Llama-3.1's frequency scaling (factor below; low/high frequency factors 1 and 4
     # over an original context of 8192, the only values megatron-core computes)
-    rope_scaling: str = "none"
+    rope_scaling: Literal["none", "llama3"] = "none"
     rope_scaling_factor: float = 8.0  # Llama-3.1 / 3.3: 8; Llama-3.2: 32
     # Embedding and output rows are padded to a multiple of this (tensor parallelism splits the vocabulary):
     # the padded logits are masked out of the softmax, and the padded rows are stripped on export to HF.

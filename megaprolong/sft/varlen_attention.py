@@ -31,13 +31,6 @@ def segments(position_ids: torch.Tensor) -> np.ndarray:
     return np.concatenate([flat, [pos.size]]).astype(np.int64)
 
 
-def _layout(cu: np.ndarray, device: torch.device) -> AttentionLayout:
-    on_device = torch.from_numpy(cu.astype(np.int32)).to(device)
-    longest = int(np.diff(cu).max(initial=0))
-    return AttentionLayout(cu_q=cu, cu_k=cu, kv_index=None, cu_q_device=on_device, cu_k_device=on_device,
-                           max_q=longest, max_k=longest)
-
-
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                              position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -56,7 +49,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         raise ValueError(f"{NAME}: attention dropout is not supported")
     if position_ids is None:
         position_ids = torch.arange(length).expand(batch, length)
-    layout = _layout(segments(position_ids), query.device)
+    layout = AttentionLayout.build(segments(position_ids), cp=1, rank=0, device=query.device)
     kernel = select_kernel("auto", query.device.type, query.dtype)
     flat = lambda x: x.transpose(1, 2).reshape(batch * length, x.shape[1], dim)  # noqa: E731  [B*L, h, d]
     out = kernel.run(flat(query), flat(key), flat(value), layout, dim ** -0.5 if scaling is None else scaling)

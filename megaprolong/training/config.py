@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megaprolong.config import ConfigError
-from megaprolong.model.config import ATTENTION_BACKENDS, ATTENTION_KERNELS, ROPE_SCALINGS, ModelConfig
+from megaprolong.model.config import ATTENTION_BACKENDS, ATTENTION_KERNELS, ModelConfig
 from megaprolong.model.families import FAMILIES
 
 
@@ -122,8 +122,6 @@ def validate(cfg: Config, world_size: int) -> None:
         problems.append(f"model.ffn_hidden_size={m.ffn_hidden_size} not divisible by parallel.tp={p.tp}")
     if m.family not in FAMILIES:
         problems.append(f"model.family={m.family!r}: expected one of {', '.join(FAMILIES)}")
-    if m.rope_scaling not in ROPE_SCALINGS:
-        problems.append(f"model.rope_scaling={m.rope_scaling!r}: expected one of {', '.join(ROPE_SCALINGS)}")
     stages = p.pp * (p.vpp or 1)
     if m.num_layers % stages:
         problems.append(f"model.num_layers={m.num_layers} not divisible by parallel.pp*parallel.vpp={stages}")

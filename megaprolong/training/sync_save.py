@@ -80,10 +80,14 @@ class SynchronousSave(TorchDistSaveShardedStrategy):
         super().__init__()
         self.max_file_bytes = max_file_bytes
 
+    def planner_settings(self) -> dict:
+        """megatron's torch_dist planner settings (as its own save uses them)."""
+        return dict(dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False,
+                    flatten_sharded_tensors=False)
+
     def planner(self) -> MCoreSavePlanner:
         """The save planner; a subclass may resolve tensors differently (``resolve_data``)."""
-        return ExactStoragePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
-                                   flatten_state_dict=False, flatten_sharded_tensors=False)
+        return ExactStoragePlanner(**self.planner_settings())
 
     def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
         state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
