@@ -13,6 +13,8 @@ import torch
 from launch import torchrun
 from mds_writer import write_mds
 
+from megaprolong.sft.run import COMPLETE
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures" / "mds"
 
@@ -349,9 +351,19 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, chat_mo
     sft()
     full = load_file(out / "model" / "model.safetensors")
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    shutil.rmtree(out / "checkpoints" / "checkpoint-6")  # as if the job died after step 5
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert all((ckpts / c / COMPLETE).exists() for c in ("checkpoint-3", "checkpoint-6"))
+    # checkpoint-6 damaged after it was saved; checkpoint-9 as a save that a killed worker left half-written
+    optimizer = ckpts / "checkpoint-6" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+    shutil.copytree(ckpts / "checkpoint-3", ckpts / "checkpoint-9")
+    (ckpts / "checkpoint-9" / COMPLETE).unlink()
     shutil.rmtree(out / "model")
-    assert f"resuming from {out / 'checkpoints' / 'checkpoint-3'}" in sft()
+    log = sft()
+    assert f"skipping checkpoint {ckpts / 'checkpoint-9'}: no {COMPLETE}" in log
+    assert f"skipping checkpoint {ckpts / 'checkpoint-6'}: {optimizer}: 1,000 bytes, recorded" in log
+    assert f"resuming from {ckpts / 'checkpoint-3'}" in log
     resumed = load_file(out / "model" / "model.safetensors")
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0)

@@ -85,6 +85,52 @@ def _attempt_callback(attempt: Any) -> Any:
     return Progress()
 
 
+# Written into an HF checkpoint folder once every rank has saved its part: the folder's files with their
+# sizes and checksums. transformers writes checkpoint-N in place, so a worker killed during a save leaves a
+# folder that looks like a checkpoint; without this record it is never resumed from.
+COMPLETE = "megaprolong_complete.json"
+
+
+def _completion_callback() -> Any:
+    """Records each HF checkpoint as complete after all ranks saved it (a barrier, then rank 0 writes)."""
+    import torch
+    from transformers import TrainerCallback
+
+    from megaprolong.training import manifest
+
+    class Completion(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                tmp = folder / f".{COMPLETE}.tmp"
+                tmp.write_text(json.dumps({"step": state.global_step, "files": manifest.record(folder)}))
+                os.replace(tmp, folder / COMPLETE)
+
+    return Completion()
+
+
+def _problems(folder: Path) -> list[str]:
+    from megaprolong.training import manifest
+
+    try:
+        files = json.loads((folder / COMPLETE).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return [f"no {COMPLETE} (its save did not finish)"]
+    return manifest.problems(folder, files)
+
+
+def newest_complete_checkpoint(folder: Path, say) -> Path | None:
+    """The newest HF checkpoint under ``folder`` that was saved completely and verifies; each newer one
+    skipped is said, with why."""
+    from megaprolong.training import manifest
+
+    steps = {int(p.name.split("-")[1]): p for p in folder.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[1].isdigit()} if folder.is_dir() else {}
+    return manifest.first_verified((steps[s] for s in sorted(steps, reverse=True)), _problems, say)
+
+
 def training_arguments(cfg: SFTConfig, world_size: int, cuda: bool) -> Any:
     """TRL's SFTConfig for the recipe: padding-free batches of our pre-packed rows."""
     import trl
@@ -156,7 +202,6 @@ def run_sft(cfg: SFTConfig) -> Path | None:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
     from megaprolong.runtime.preemption import StopRequest
@@ -203,15 +248,17 @@ def run_sft(cfg: SFTConfig) -> Path | None:
         print(f"megaprolong-sft: attention {attention}, chat format {chat_format}", flush=True)
     # The RoPE base (and every other field) of the long-context checkpoint is kept as saved.
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    say = (lambda line: print(f"megaprolong-sft: {line}", flush=True)) if args.process_index == 0 else (lambda _: None)
+    last = newest_complete_checkpoint(Path(args.output_dir), say)
     metrics = _MetricsFile(Path(cfg.logging.metrics_file or Path(cfg.output_dir) / "metrics.jsonl"), fresh=last is None)
     stop = StopRequest()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[metrics.callback, _preemption_callback(stop), _attempt_callback(attempt)])
-    if last and args.process_index == 0:
-        print(f"megaprolong-sft: resuming from {last}", flush=True)
+                         callbacks=[metrics.callback, _preemption_callback(stop), _attempt_callback(attempt),
+                                    _completion_callback()])
+    if last:
+        say(f"resuming from {last}")
     try:
-        trainer.train(resume_from_checkpoint=last)
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
     except BaseException as e:
         attempt.failed(trainer.state.global_step + 1, e)
         raise

@@ -64,12 +64,7 @@ def verify(path: str | Path, checksums: bool = True) -> list[str]:
 
 def newest_verified(root: str | Path, say) -> Path | None:
     """The newest complete checkpoint under ``root`` that verifies; each one skipped is said, with why."""
-    for path in reversed(complete_checkpoints(root)):
-        found = verify(path)
-        if not found:
-            return path
-        say(f"skipping checkpoint {path}: {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""))
-    return None
+    return manifest.first_verified(reversed(complete_checkpoints(root)), verify, say)
 
 
 def _sharded_state(trainer, is_loading: bool, optimizer_format: str | None) -> dict:

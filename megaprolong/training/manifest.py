@@ -9,6 +9,7 @@ named explicitly.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 ENDS = 1 << 20  # bytes read at each end of a file
@@ -43,3 +44,14 @@ def problems(folder: Path, files: dict[str, dict] | None, checksums: bool = True
         elif checksums and (digest := file_digest(path)) != want["crc32_ends"]:
             out.append(f"{path}: checksum {digest}, recorded {want['crc32_ends']}")
     return out
+
+
+def first_verified(newest_first: Iterable[Path], problems_of: Callable[[Path], list[str]],
+                   say: Callable[[str], None]) -> Path | None:
+    """The first checkpoint of ``newest_first`` without problems; each one skipped is said, with why."""
+    for path in newest_first:
+        found = problems_of(path)
+        if not found:
+            return path
+        say(f"skipping checkpoint {path}: {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""))
+    return None
