@@ -170,33 +170,40 @@ def llama31(tmp_path_factory):
     return d
 
 
+# A stage's RoPE policy: replace the base model's scaling by a plain base (ProLong's), or keep it.
+ROPE_POLICIES = {
+    "replace": (["model.rope_scaling=none", "model.rope_base=8000000.0"], {"rope_type": "default", "rope_theta": 8e6}),
+    "keep": (["model.rope_scaling=llama3", "model.rope_scaling_factor=8.0", "model.rope_base=10000.0"],
+             {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}),
+}
+
+
 @pytest.mark.multirank
-@pytest.mark.parametrize("policy, overrides, exported_rope", [
-    ("replace", ["model.rope_scaling=none", "model.rope_base=8000000.0"],
-     {"rope_type": "default", "rope_theta": 8e6}),
-    ("keep", ["model.rope_scaling=llama3", "model.rope_scaling_factor=8.0", "model.rope_base=10000.0"],
-     {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}),
-])
-def test_stage_start_rope_policy_is_exported_exactly(llama31, tmp_path, policy, overrides, exported_rope):
-    """A 2-step stage start (TP=2) from the converted Llama-3.1 checkpoint under a RoPE policy; the exported
-    model, loaded by transformers, gives megatron's logits of the trained checkpoint."""
+def test_stage_start_rope_policy_is_exported_exactly(llama31, tmp_path):
+    """A 2-step stage start (TP=2) from the converted Llama-3.1 checkpoint under each RoPE policy; each
+    exported model, loaded by transformers, gives megatron's logits of its trained checkpoint."""
     from megaprolong.convert.hf import HFCheckpoint, model_config_from_hf
 
     m = model_config_from_hf(HFCheckpoint(llama31 / "hf").config)
     model = [f"model.{k}={json.dumps(getattr(m, k))}" for k in ("num_layers", "hidden_size", "ffn_hidden_size",
                                                                    "num_attention_heads", "num_query_groups",
                                                                    "vocab_size", "norm_eps")]
-    args = ["--config", str(REPO / "examples/tiny_stage1.yaml"), f"data.root={llama31 / 'data'}",  # built once
-            f"checkpoint.load={llama31 / 'mcore'}", f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.resume=none",
-            f"logging.metrics_file={tmp_path / 'metrics.jsonl'}", "train.steps=2", "train.global_batch_size=4",
-            "train.micro_batch_size=1", *model, *overrides]
-    log = torchrun("megaprolong.train", 2, *args, timeout=400)
-    assert ("kept from the checkpoint" in log) == (policy == "keep"), log[-2000:]
-    out = convert("mcore-to-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "hf")
-    assert out.returncode == 0, out.stderr[-3000:]
-    rope = json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"]
-    assert {k: rope[k] for k in exported_rope} == exported_rope
-    assert "HF_LOGITS_OK" in torchrun("hf_logits.py", 2, str(tmp_path / "hf"), str(tmp_path / "ckpt"), "parallel.tp=2")
+    pairs = []
+    for policy, (overrides, exported_rope) in ROPE_POLICIES.items():
+        run = tmp_path / policy
+        args = ["--config", str(REPO / "examples/tiny_stage1.yaml"), f"data.root={llama31 / 'data'}",  # built once
+                f"checkpoint.load={llama31 / 'mcore'}", f"checkpoint.dir={run / 'ckpt'}", "checkpoint.resume=none",
+                f"logging.metrics_file={run / 'metrics.jsonl'}", "train.steps=2", "train.global_batch_size=4",
+                "train.micro_batch_size=1", *model, *overrides]
+        log = torchrun("megaprolong.train", 2, *args, timeout=400)
+        assert ("kept from the checkpoint" in log) == (policy == "keep"), log[-2000:]
+        out = convert("mcore-to-hf", "--ckpt", run / "ckpt", "--out", run / "hf")
+        assert out.returncode == 0, out.stderr[-3000:]
+        rope = json.loads((run / "hf" / "config.json").read_text())["rope_parameters"]
+        assert {k: rope[k] for k in exported_rope} == exported_rope, policy
+        pairs += [str(run / "hf"), str(run / "ckpt")]
+    out = torchrun("hf_logits.py", 2, *pairs, "parallel.tp=2")
+    assert all(f"HF_LOGITS_OK {hf}" in out for hf in pairs[::2]), out[-2000:]
 
 
 @pytest.mark.parametrize("name", ["qwen3", "llama3.2"])

@@ -54,15 +54,6 @@ def preempt_after(cluster, job, log, rows, n):
     return log.read_text(errors="replace")
 
 
-def test_job_trains_and_checkpoints(cluster, tmp_path):
-    job, log = submit(cluster, tmp_path, 4, "tiny-run")
-    assert cluster.wait(job) == "COMPLETED", log.read_text(errors="replace")[-3000:]
-    text = log.read_text(errors="replace")
-    assert "rendezvous" in text and "step     4/4" in text
-    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
-    assert (tmp_path / "ckpt" / "step_00000004" / "megaprolong.json").exists()
-
-
 def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
     steps = 60
     job, log = submit(cluster, tmp_path, steps, "tiny-preempt")
@@ -111,10 +102,15 @@ SLOW = "checkpoint.interval=2 model.num_layers=8 model.hidden_size=512 model.ffn
 
 
 def test_dead_worker_restarts_in_the_job_then_a_repeated_failure_stops_it(cluster, tmp_path):
-    """kill -9 of one worker: torchrun restarts the workers within the job, which resume and finish every
-    step; with MAX_RESTARTS=1, a worker dying at the same step twice stops the job, naming the step."""
+    """The job trains, logs and checkpoints. kill -9 of one worker: torchrun restarts the workers within the
+    job, which resume and finish every step; with MAX_RESTARTS=1, a worker dying at the same step twice stops
+    the job, naming the step."""
     ref, ref_log = submit(cluster, tmp_path / "ref", 6, "tiny-uninterrupted", SLOW)
     assert cluster.wait(ref, timeout=400) == "COMPLETED", ref_log.read_text(errors="replace")[-3000:]
+    text = ref_log.read_text(errors="replace")
+    assert "rendezvous" in text and "step     6/6" in text
+    assert [m["step"] for m in metrics(tmp_path / "ref")] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "ref" / "ckpt" / "step_00000006" / "megaprolong.json").exists()
     job, log = submit(cluster, tmp_path / "a", 6, "tiny-dead-worker", SLOW, MAX_RESTARTS="1")
     kill_one_worker_at("megaprolong.train", tmp_path / "a" / "ckpt", {"step": 4}, job, cluster, log)
     assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
