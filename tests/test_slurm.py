@@ -108,7 +108,7 @@ def test_dead_worker_restarts_in_the_job_then_a_repeated_failure_stops_it(cluste
     ref, ref_log = submit(cluster, tmp_path / "ref", 6, "tiny-uninterrupted", SLOW)
     assert cluster.wait(ref, timeout=400) == "COMPLETED", ref_log.read_text(errors="replace")[-3000:]
     text = ref_log.read_text(errors="replace")
-    assert "rendezvous" in text and "step     6/6" in text
+    assert "rendezvous" in text and "step     6/6" in text and "Overwriting old incomplete" not in text
     assert [m["step"] for m in metrics(tmp_path / "ref")] == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "ref" / "ckpt" / "step_00000006" / "megaprolong.json").exists()
     job, log = submit(cluster, tmp_path / "a", 6, "tiny-dead-worker", SLOW, MAX_RESTARTS="1")

@@ -175,7 +175,7 @@ def save(trainer, root: str | Path, keep: int | None = None, queue=None, portabl
     dist.barrier()
     fmt = save_format(trainer.cfg.checkpoint.optimizer_format, portable)
     state = _sharded_state(trainer, is_loading=False, optimizer_format=fmt)
-    torch.save(_rng_state(), tmp / f"rng_rank{dist.get_rank():05d}.pt")
+    rng, rng_file = _rng_state(), tmp / f"rng_rank{dist.get_rank():05d}.pt"
     meta = {"step": trainer.step, "scheduler": trainer.scheduler.state_dict(),
             "rope_base": trainer.cfg.model.rope_base, "world_size": dist.get_world_size(),
             "layout": _layout(trainer), "optimizer_format": fmt, "config": asdict(trainer.cfg)}
@@ -192,12 +192,16 @@ def save(trainer, root: str | Path, keep: int | None = None, queue=None, portabl
                     shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
+    # The RNG files go in after megatron's save has started: it warns "Overwriting old incomplete / corrupted
+    # checkpoint" when the folder it is given is not empty.
     if queue is None:  # written a tensor at a time (megatron's own synchronous save stages a copy of all)
         dist_checkpointing.save(state, str(tmp), sharded_strategy=SynchronousSave())
+        torch.save(rng, rng_file)
         publish()
     else:
         # megatron-core's own background writer (the default, "nvrx", needs nvidia-resiliency-ext)
         request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True, async_strategy="mcore")
+        torch.save(rng, rng_file)
         request.add_finalize_fn(publish)
         queue.schedule_async_request(request)
     return final
