@@ -9,10 +9,12 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from megaprolong.sft.config import SFTConfig, gradient_accumulation
+from megaprolong.training import manifest
 
 
 def _attention(cfg: SFTConfig, cuda: bool) -> str:
@@ -96,8 +98,6 @@ def _completion_callback() -> Any:
     import torch
     from transformers import TrainerCallback
 
-    from megaprolong.training import manifest
-
     class Completion(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if torch.distributed.is_initialized():
@@ -112,8 +112,6 @@ def _completion_callback() -> Any:
 
 
 def _problems(folder: Path) -> list[str]:
-    from megaprolong.training import manifest
-
     try:
         files = json.loads((folder / COMPLETE).read_text())["files"]
     except (OSError, ValueError, KeyError):
@@ -121,11 +119,9 @@ def _problems(folder: Path) -> list[str]:
     return manifest.problems(folder, files)
 
 
-def newest_complete_checkpoint(folder: Path, say) -> Path | None:
+def newest_complete_checkpoint(folder: Path, say: Callable[[str], None]) -> Path | None:
     """The newest HF checkpoint under ``folder`` that was saved completely and verifies; each newer one
     skipped is said, with why."""
-    from megaprolong.training import manifest
-
     steps = {int(p.name.split("-")[1]): p for p in folder.glob("checkpoint-*")
              if p.is_dir() and p.name.split("-")[1].isdigit()} if folder.is_dir() else {}
     return manifest.first_verified((steps[s] for s in sorted(steps, reverse=True)), _problems, say)
