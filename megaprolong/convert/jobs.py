@@ -66,8 +66,8 @@ def _finish(tmp: Path, out: Path) -> None:
 def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, rope_base: float | None = None,
                 force: bool = False, vocab_multiple: int | None = None) -> Path:
     """An HF checkpoint (Llama-3.x, Qwen2.5, Qwen3) -> ``OUT/step_00000000`` (weights only), loadable as a
-    stage start (checkpoint.load=OUT). The vocabulary is padded to a multiple of ``vocab_multiple`` (default: 128 when ``tp`` does not divide
-    it, as Megatron-LM pads, else no padding)."""
+    stage start (checkpoint.load=OUT). The vocabulary is padded to a multiple of ``vocab_multiple``
+    (default: 128 when ``tp`` does not divide it, as Megatron-LM pads, else no padding)."""
     from megaprolong.convert.streaming import save_produced
 
     hf = HFCheckpoint(hf_dir)

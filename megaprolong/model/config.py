@@ -25,7 +25,8 @@ class ModelConfig:
     max_position_embeddings: int = 8192  # recorded in exported configs; RoPE itself has no length limit
     init_std: float = 0.02  # std of the random initialization (a run that loads a checkpoint ignores it)
     family: str = "llama"  # llama | qwen2 | qwen3: the HF architecture exported (megaprolong.model.families)
-    kv_channels: int | None = None  # per-head width; None: hidden_size / num_attention_heads (set where they differ: Qwen3-0.6B, 128 vs 1024/16)
+    # per-head width; None: hidden_size / num_attention_heads (set where they differ: Qwen3-0.6B, 128 vs 1024/16)
+    kv_channels: int | None = None
     qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2 / Qwen2.5)
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer (Llama-3.2 1B/3B, small Qwen)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -97,13 +98,14 @@ def _completion_callback() -> Any:
     """Records each HF checkpoint as complete after all ranks saved it (a barrier, then rank 0 writes)."""
     import torch
     from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     class Completion(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
             if state.is_world_process_zero:
-                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
                 tmp = folder / f".{COMPLETE}.tmp"
                 tmp.write_text(json.dumps({"step": state.global_step, "files": manifest.record(folder)}))
                 os.replace(tmp, folder / COMPLETE)
@@ -122,8 +124,10 @@ def _problems(folder: Path) -> list[str]:
 def newest_complete_checkpoint(folder: Path, say: Callable[[str], None]) -> Path | None:
     """The newest HF checkpoint under ``folder`` that was saved completely and verifies; each newer one
     skipped is said, with why."""
-    steps = {int(p.name.split("-")[1]): p for p in folder.glob("checkpoint-*")
-             if p.is_dir() and p.name.split("-")[1].isdigit()} if folder.is_dir() else {}
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    steps = {int(m.group(1)): p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if p.is_dir() and (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", p.name))}
     return manifest.first_verified((steps[s] for s in sorted(steps, reverse=True)), _problems, say)
 
 
@@ -219,6 +223,7 @@ def run_sft(cfg: SFTConfig) -> Path | None:
 
     attempt = start_attempt(Path(cfg.output_dir), rank0=int(os.environ.get("RANK", 0)) == 0)
     args = training_arguments(cfg, world_size, cuda)
+    say = (lambda line: print(f"megaprolong-sft: {line}", flush=True)) if args.process_index == 0 else (lambda _: None)
     transformers.set_seed(cfg.train.seed)
     chat_format = cfg.chat_format
     if chat_format == "auto":
@@ -231,20 +236,17 @@ def run_sft(cfg: SFTConfig) -> Path | None:
             write_jsonl(synthetic_chats(200, seed=0), Path(cfg.data.path))
         dataset, report = build_sft_dataset(cfg, tokenizer, cfg.data.cache_dir or Path(cfg.output_dir) / ".sft_data",
                                             progress=args.local_process_index == 0)
-    if args.process_index == 0:
-        print(f"megaprolong-sft: {report.summary()}", flush=True)
-        if report.truncated:
-            print(f"megaprolong-sft: warning: {report.truncated} conversation(s) longer than train.seq_length="
-                  f"{cfg.train.seq_length} were truncated", file=sys.stderr, flush=True)
+    say(report.summary())
+    if report.truncated and args.process_index == 0:
+        print(f"megaprolong-sft: warning: {report.truncated} conversation(s) longer than train.seq_length="
+              f"{cfg.train.seq_length} were truncated", file=sys.stderr, flush=True)
     attention = _attention(cfg, cuda)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model, dtype=torch.float32, attn_implementation=attention,
         use_cache=False)  # with a cache transformers would let packed conversations see each other
-    if args.process_index == 0:
-        print(f"megaprolong-sft: attention {attention}, chat format {chat_format}", flush=True)
+    say(f"attention {attention}, chat format {chat_format}")
     # The RoPE base (and every other field) of the long-context checkpoint is kept as saved.
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    say = (lambda line: print(f"megaprolong-sft: {line}", flush=True)) if args.process_index == 0 else (lambda _: None)
     last = newest_complete_checkpoint(Path(args.output_dir), say)
     metrics = _MetricsFile(Path(cfg.logging.metrics_file or Path(cfg.output_dir) / "metrics.jsonl"), fresh=last is None)
     stop = StopRequest()
