@@ -19,6 +19,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="config keys (set in the YAML file or as key=value overrides):\n" + "\n".join(describe_keys(Config)),
     )
     parser.add_argument("--config", help="recipe YAML file (see examples/); omitted: all defaults")
+    parser.add_argument("--check", action="store_true",
+                        help="only run the start-up checks (config, layout, data, checkpoints, the folder's lock) "
+                             "and exit: 0 when training could start, 2 with one line per problem otherwise "
+                             "(the sbatch scripts run this once before launching torchrun)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="override a config key, e.g. parallel.tp=2 train.steps=10 (values parsed as YAML)")
     return parser.parse_args(argv)
@@ -31,20 +35,22 @@ PATH_KEYS = ["data.mix", "data.root", "data.prefix", "data.cache_dir", "checkpoi
 def file_problems(cfg: Config) -> list[str]:
     """Every path of the recipe checked (datasets' .idx/.bin pairs, checkpoints to load, folders to write):
     one line per problem. Runs before any process group, so a bad path fails at once on every rank."""
-    from megaprolong.data.check import check_checkpoint_path, check_indexed, check_writable_dir
-    from megaprolong.data.dataset import load_mix
+    from megaprolong.data.check import check_checkpoint_path, check_indexed, check_mix_data, check_writable_dir
+    from megaprolong.data.dataset import DomainSpec, MixSpec, load_mix
+    from megaprolong.training.checkpoint_dir import resume_problems
 
-    problems, prefixes = [], []
+    problems, spec = [], None
     if cfg.data.mix:
         if not os.path.isfile(cfg.data.mix):
             problems.append(f"data.mix={cfg.data.mix}: not found")
         else:
-            prefixes = [d.prefix for d in load_mix(cfg.data.mix, cfg.data.root).domains]
+            spec = load_mix(cfg.data.mix, cfg.data.root)
     elif cfg.data.prefix:
-        prefixes = [cfg.data.prefix]
-    if cfg.data.prepare != "tiny":  # the tiny recipes build their data on first use
-        for prefix in prefixes:
-            problems += check_indexed(prefix)
+        spec = MixSpec(seq_length=cfg.train.seq_length,
+                       domains=[DomainSpec(name=os.path.basename(cfg.data.prefix), prefix=cfg.data.prefix, weight=1.0)])
+    if spec is not None and cfg.data.prepare != "tiny":  # the tiny recipes build their data on first use
+        unreadable = [line for d in spec.domains for line in check_indexed(d.prefix)]
+        problems += unreadable or check_mix_data(spec, cfg.train.seq_length, cfg.model.vocab_size)
     if cfg.data.cache_dir:
         problems += check_writable_dir("data.cache_dir", cfg.data.cache_dir)
     if cfg.checkpoint.load:
@@ -52,14 +58,23 @@ def file_problems(cfg: Config) -> list[str]:
     if cfg.checkpoint.resume not in ("auto", "none"):
         found = check_checkpoint_path("checkpoint.resume", cfg.checkpoint.resume)
         if not found:  # a named checkpoint must verify: sizes on every rank, checksums on rank 0 (2 MiB a file)
-            from megaprolong.training.checkpoint import verify
+            from megaprolong.training.checkpoint_dir import verify
 
             rank0 = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
             found = [f"checkpoint.resume={cfg.checkpoint.resume}: {p}" for p in verify(cfg.checkpoint.resume, rank0)]
         problems += found
     if cfg.checkpoint.dir:
         problems += check_writable_dir("checkpoint.dir", cfg.checkpoint.dir)
+        if cfg.checkpoint.resume == "auto":
+            problems += resume_problems(cfg.checkpoint.dir)
     return problems
+
+
+def folder_problem(cfg: Config) -> str | None:
+    """Another live run writes ``checkpoint.dir`` (its lock): not this run's error to record there."""
+    from megaprolong.runtime import run_lock
+
+    return run_lock.check(cfg.checkpoint.dir)
 
 
 def build_dataset(cfg: Config):
@@ -84,43 +99,67 @@ def build_dataset(cfg: Config):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megaprolong.runtime.preemption import StopRequest
+
+    stop = StopRequest()  # first: a preemption signal during start-up is kept, not lost (or fatal)
     args = parse_args(argv)
     try:
         cfg = load_config(Config, args.config, args.overrides)
         resolve_relative_paths(cfg, args.config, PATH_KEYS)
     except ConfigError as e:
-        print(f"megaprolong-train: {e}", file=sys.stderr)
-        return 2
+        return _fatal(None, str(e))
+    from megaprolong.runtime.attempts import FATAL_EXIT, REPEATED_EXIT, FatalError, RepeatedFailure, fatal_error
+
+    ck = cfg.checkpoint.dir
+    if (error := fatal_error(ck) if ck else None) is not None:  # a restart in a launch that already failed so
+        print(f"megaprolong-train: {error}", file=sys.stderr)
+        print("megaprolong-train: (found in this launch's progress record: not retrying)", file=sys.stderr)
+        return FATAL_EXIT
+    if (busy := folder_problem(cfg)) is not None:
+        print(f"megaprolong-train: {busy}", file=sys.stderr)
+        return FATAL_EXIT
     try:  # before any process group starts: a bad layout fails in a second, with the keys named
         validate(cfg, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))))
-    except ConfigError as e:
-        print(f"megaprolong-train: {e}", file=sys.stderr)
-        return 2
-    if not cfg.data.prefix and not cfg.data.mix:
-        print("megaprolong-train: set data.mix (a mix YAML) or data.prefix (an indexed dataset PREFIX)",
-              file=sys.stderr)
-        return 2
-    try:
+        if not cfg.data.prefix and not cfg.data.mix:
+            raise ConfigError("set data.mix (a mix YAML) or data.prefix (an indexed dataset PREFIX)")
         problems = file_problems(cfg)
     except ConfigError as e:  # e.g. a malformed mix YAML
         problems = [str(e)]
     if problems:
-        for problem in problems:
-            print(f"megaprolong-train: {problem}", file=sys.stderr)
-        return 2
+        return _fatal(ck, "\n".join(problems))
+    if args.check:
+        if _rank() == 0 and ck:  # the batch shell's check takes the folder for its job
+            from megaprolong.runtime.run_lock import RunLock
+
+            RunLock(ck, say=lambda line: print(f"megaprolong-train: {line}"))
+        print("megaprolong-train: start-up checks passed")
+        return 0
     # Imported late: --help and config errors should not pay megatron-core's import time.
-    from megaprolong.runtime.attempts import RepeatedFailure
     from megaprolong.training.trainer import run
 
     try:
-        run(cfg, lambda: build_dataset(cfg))
-    except ConfigError as e:
-        print(f"megaprolong-train: {e}", file=sys.stderr)
-        return 2
+        run(cfg, lambda: build_dataset(cfg), stop=stop)
+    except (ConfigError, FatalError) as e:
+        return _fatal(ck, str(e))
     except RepeatedFailure as e:
         print(f"megaprolong-train: {e}", file=sys.stderr)
-        return 3
+        return REPEATED_EXIT
     return 0
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
+def _fatal(folder: str | None, error: str) -> int:
+    """Bad input: one line per problem, recorded (rank 0) so that this launch is not retried; exit 2."""
+    from megaprolong.runtime.attempts import FATAL_EXIT, record_fatal
+
+    for line in error.splitlines():
+        print(f"megaprolong-train: {line}", file=sys.stderr)
+    if _rank() == 0:
+        record_fatal(folder, error)
+    return FATAL_EXIT
 
 
 if __name__ == "__main__":

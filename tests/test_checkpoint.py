@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,6 +70,16 @@ def launch(args):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """kill -9 torchrun and every process under it (its workers run in sessions of their own, so killing its
+    process group would leave them training), as Slurm does when a job step is killed."""
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        p.kill()
+    psutil.wait_procs(tree, timeout=30)
+    proc.wait()
+
+
 def wait_for(predicate, proc, timeout=120):
     deadline = time.time() + timeout
     while not predicate():
@@ -92,8 +103,8 @@ def test_kill_9_then_resume_equals_uninterrupted(data, tmp_path, uninterrupted):
     args = train_args(data, tmp_path / "ckpt", tmp_path / "m.jsonl", "checkpoint.interval=2")
     proc = launch(args)
     wait_for(lambda: (tmp_path / "ckpt" / "step_00000002" / "megaprolong.json").exists(), proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
-    proc.wait()
+    kill_tree(proc)  # torchrun and both ranks, mid-run
+
     out = torchrun("megaprolong.train", 2, *args)
     assert "resumed from" in out
     torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want, rtol=1e-6, atol=0)
@@ -183,32 +194,69 @@ def test_async_checkpoints_resume_like_the_uninterrupted_run(data, tmp_path, uni
     torch.testing.assert_close(losses(tmp_path / "m2.jsonl"), want[4:], rtol=1e-6, atol=0)
 
 
-@pytest.mark.multirank
-def test_truncated_newest_checkpoint_is_skipped_and_named(data, tmp_path, uninterrupted):
-    """A shard of the newest checkpoint truncated after it was published (a full disk, a bad copy):
-    resume: auto names the file, resumes from the previous complete checkpoint and matches the uninterrupted
-    run; the same checkpoint named explicitly is refused before any process group."""
-    import shutil
+def corrupt_middle(path: Path, nbytes: int = 4096) -> None:
+    """Zero a stretch in the middle of a file, keeping its size (what a bad copy or a disk does)."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\0" * nbytes)
+    assert path.stat().st_size == size
 
+
+def largest_shard(step_dir: Path) -> Path:
+    return max(step_dir.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.multirank
+def test_same_size_damage_in_the_newest_checkpoint_is_found_and_the_previous_resumed(data, tmp_path, uninterrupted):
+    """A zeroed stretch in the middle of a shard of the newest checkpoint (size unchanged, both ends intact):
+    resume: auto names the file, sets the checkpoint aside (step_N.corrupt, kept), resumes from the previous
+    one and matches the uninterrupted run; the same checkpoint named explicitly is refused before any process
+    group."""
     _, want = uninterrupted
     args = train_args(data, tmp_path / "ckpt", tmp_path / "m.jsonl", "checkpoint.interval=2")
     torchrun("megaprolong.train", 2, *args)
     shutil.rmtree(tmp_path / "ckpt" / f"step_{STEPS:08d}")  # as if the run had stopped after step 4
-    shard = max((tmp_path / "ckpt" / "step_00000004").glob("*.distcp"), key=lambda p: p.stat().st_size)
-    with open(shard, "r+b") as f:
-        f.truncate(shard.stat().st_size // 2)
+    step4 = tmp_path / "ckpt" / "step_00000004"
+    shard = largest_shard(step4)
+    corrupt_middle(shard)
     out = torchrun("megaprolong.train", 2, *args)
-    assert f"skipping checkpoint {tmp_path / 'ckpt' / 'step_00000004'}: {shard}:" in out
-    assert "resumed from" in out and "step_00000002 at step 2" in out
+    assert f"skipping checkpoint {step4}: {shard}: content changed" in out
+    assert f"resumed from {tmp_path / 'ckpt' / 'step_00000002'} at step 2" in out
+    aside = tmp_path / "ckpt" / "step_00000004.corrupt"
+    assert (aside / shard.name).exists() and (tmp_path / "ckpt" / "step_00000004").exists()  # set aside, rewritten
     torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want, rtol=1e-6, atol=0)
-    with open(shard, "r+b") as f:  # the resumed run wrote step 4 anew: truncate it again
-        f.truncate(shard.stat().st_size // 2)
     named = subprocess.run([sys.executable, "-m", "megaprolong.train",
-                            *train_args(data, tmp_path / "c2", tmp_path / "m2.jsonl",
-                                        f"checkpoint.resume={tmp_path / 'ckpt' / 'step_00000004'}")],
+                            *train_args(data, tmp_path / "c2", tmp_path / "m2.jsonl", f"checkpoint.resume={aside}")],
                            capture_output=True, text=True, timeout=120, cwd=REPO,
                            env=dict(os.environ, WORLD_SIZE="2", RANK="0"))  # no peer: fails before any group
-    assert named.returncode == 2 and str(shard) in named.stderr and "Traceback" not in named.stderr
+    assert named.returncode == 2 and f"{aside / shard.name}: content changed" in named.stderr
+    assert "Traceback" not in named.stderr
+
+
+@pytest.mark.multirank
+def test_no_checkpoint_verifying_stops_the_run_instead_of_restarting_the_stage(data, tmp_path, uninterrupted):
+    """Every checkpoint of the run damaged (same size, so only the digests tell): the run neither resumes nor
+    starts the stage again from checkpoint.load (which would restart the LR schedule, and rotation would
+    delete the old checkpoints); it stops with one line per checkpoint, exit 2, and the restart torchrun makes
+    exits at once on the recorded error. The checkpoints stay on disk, set aside."""
+    d, _ = uninterrupted
+    ckpt = tmp_path / "ckpt"
+    args = train_args(data, ckpt, tmp_path / "m.jsonl", "checkpoint.interval=2", "checkpoint.keep=3",
+                      f"checkpoint.load={d / 'ckpt'}")
+    torchrun("megaprolong.train", 2, *args)
+    shutil.rmtree(ckpt / f"step_{STEPS:08d}")
+    rows = (tmp_path / "m.jsonl").read_text()
+    for step in (2, 4):
+        corrupt_middle(largest_shard(ckpt / f"step_{step:08d}"))
+    agent = launch_elastic(args, max_restarts=1)
+    out, _ = agent.communicate(timeout=240)
+    assert agent.returncode != 0, out[-3000:]
+    assert "no checkpoint verifies" in out and "content changed" in out
+    assert "not retrying" in out  # the restarted workers read the recorded error instead of trying again
+    assert "stage start from" not in out and (tmp_path / "m.jsonl").read_text() == rows  # nothing trained
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000002.corrupt", "step_00000004.corrupt"]
+    assert "no checkpoint verifies" in progress(ckpt)["fatal"]["error"]  # what the batch shell reads: no requeue
 
 
 def launch_elastic(args, max_restarts=1):
@@ -246,7 +294,7 @@ def test_dead_worker_restarts_in_job_and_leaves_no_process(data, tmp_path, unint
     victims = kill_one_worker(agent)
     out, _ = agent.communicate(timeout=240)
     assert agent.returncode == 0, out[-3000:]
-    assert "resumed from" in out and "step_00000002" in out
+    assert f"resumed from {tmp_path / 'ckpt' / 'step_00000002'} at step 2" in out
     torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want, rtol=1e-6, atol=0)
     time.sleep(1)
     alive = [p for p in victims if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
@@ -281,3 +329,56 @@ def test_failure_repeating_at_the_same_step_stops_with_the_step(data, tmp_path):
 def test_synchronous_save_round_trips_in_bounded_files(tmp_path):
     out = torchrun("sync_save.py", 2, str(tmp_path / "ckpt"))
     assert out.count("ok:") == 2
+
+
+def workers_of(agent: subprocess.Popen) -> list[psutil.Process]:
+    return psutil.Process(agent.pid).children()
+
+
+@pytest.mark.multirank
+def test_a_stop_signal_before_the_model_is_built_is_kept(data, tmp_path, uninterrupted):
+    """SIGUSR1 reaches the workers a moment after they start, long before their model exists: it is kept
+    (its default action would kill them); the run stops cleanly before its first step, and a rerun trains
+    like the uninterrupted one."""
+    _, want = uninterrupted
+    args = train_args(data, tmp_path / "ckpt", tmp_path / "m.jsonl")
+    agent = launch(args)
+    wait_for(lambda: len(workers_of(agent)) == 2, agent)
+    time.sleep(1.0)  # the workers run Python by now, still importing megatron-core (seconds)
+    for worker in workers_of(agent):
+        worker.send_signal(signal.SIGUSR1)
+    out, _ = agent.communicate(timeout=180)
+    assert agent.returncode == 0, out[-3000:]
+    assert "stop requested (SIGUSR1): nothing to save" in out and "step     1" not in out
+    torchrun("megaprolong.train", 2, *args)
+    torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.multirank
+def test_a_hung_worker_is_found_by_the_watchdog_and_the_run_restarts(data, tmp_path, uninterrupted):
+    """One worker stopped (SIGSTOP) in the middle of the run: its peer's step watchdog fires after its
+    budget, prints every thread's stack and exits; torchrun restarts the workers, which resume and finish
+    with the uninterrupted run's losses, within the budget plus the restart time."""
+    _, want = uninterrupted
+    ckpt = tmp_path / "ckpt"
+    args = train_args(data, ckpt, tmp_path / "m.jsonl", "checkpoint.interval=2", "train.watchdog.warmup_steps=1",
+                      "train.watchdog.floor_minutes=0.25", "train.watchdog.startup_minutes=3")
+    agent = launch_elastic(args, max_restarts=1)
+    wait_for(lambda: progress(ckpt).get("step") == 3, agent, timeout=180)  # a step with no save after it
+    victim = workers_of(agent)[-1]
+    victim.suspend()
+    stopped = time.time()
+    out, _ = agent.communicate(timeout=300)
+    elapsed = time.time() - stopped
+    assert agent.returncode == 0, out[-3000:]
+    assert "watchdog: rank" in out and "step 3 did not finish within 15 s" in out
+    assert "most recent call first" in out  # the stacks
+    assert "resumed from" in out
+    torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want, rtol=1e-6, atol=0)
+    # 15 s budget, 30 s for torchrun to SIGKILL the stopped worker, the restart itself
+    assert elapsed < 15 + 30 + 90, elapsed
+
+
+@pytest.mark.multirank
+def test_the_applied_learning_rate_is_prolongs_at_every_step(data):
+    assert "APPLIED_LR_OK" in torchrun("applied_lr.py", 1, str(data))

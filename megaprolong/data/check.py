@@ -10,6 +10,7 @@ holds the tokens: its size is the last pointer plus the last length times the to
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from pathlib import Path
@@ -79,3 +80,70 @@ def check_writable_dir(key: str, path: str) -> list[str]:
     if not os.access(p, os.W_OK):
         return [f"{key}={path}: {p} is not writable"]
     return []
+
+
+def index_lengths(prefix: str | Path) -> np.ndarray:
+    """The sequence (document) lengths of an indexed dataset that :func:`check_indexed` accepted, read from
+    its ``.idx`` without loading the dataset."""
+    idx = Path(f"{prefix}.idx")
+    with open(idx, "rb") as f:
+        f.seek(len(MAGIC) + 9)
+        (seqs,) = struct.unpack("<Q", f.read(8))
+    if seqs == 0:
+        return np.zeros(0, dtype=np.int32)
+    return np.memmap(idx, mode="r", dtype=np.int32, offset=HEADER_BYTES, shape=(seqs,))
+
+
+def sequences_in(lengths: np.ndarray, seq_length: int, chunk: int | None, min_chunk: int | None) -> int:
+    """How many ``seq_length``-token sequences a domain's documents pack into (as ``pack_documents`` does:
+    whole documents for short data; chunks of ``chunk`` tokens, and tails of at least ``min_chunk``, for
+    long data)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if chunk is None:
+        return int(lengths.sum()) // seq_length
+    full, tail = lengths // chunk, lengths % chunk
+    kept_tails = tail[(tail > 0) & (tail >= min_chunk)] if min_chunk is not None else tail[:0]
+    return (int(full.sum()) * chunk + int(kept_tails.sum())) // seq_length
+
+
+def sidecar(prefix: str | Path) -> dict | None:
+    """``PREFIX.json``, the statistics ``megaprolong-preprocess`` writes beside a dataset (None if absent)."""
+    try:
+        return json.loads(Path(f"{prefix}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_mix_data(spec, seq_length: int, vocab_size: int) -> list[str]:
+    """Problems of a mix (a :class:`~megaprolong.data.dataset.MixSpec` whose datasets passed
+    :func:`check_indexed`) for a stage of ``seq_length`` tokens and a model of ``vocab_size`` tokens, one line
+    each: a weight that is not positive, a sequence length other than the stage's, a domain with no
+    document or too few tokens for one sequence, a dataset tokenized with a larger vocabulary than the
+    model's or with another tokenizer than the stage's other domains."""
+    problems = []
+    if spec.seq_length != seq_length:
+        problems.append(f"the mix's seq_length is {spec.seq_length}, train.seq_length is {seq_length}")
+    tokenizers: dict[str, list[str]] = {}
+    for d in spec.domains:
+        if not d.weight > 0:
+            problems.append(f"domain {d.name}: weight {d.weight} must be > 0 (weights are normalized to sum to 1; "
+                            f"leave a domain out of the mix instead of weighting it 0)")
+        lengths = index_lengths(d.prefix)
+        if len(lengths) == 0:
+            problems.append(f"domain {d.name}: {d.prefix} holds no document")
+        elif sequences_in(lengths, spec.seq_length, d.chunk, d.min_chunk) == 0:
+            kept = f" in chunks of {d.chunk}" + (f" (tails >= {d.min_chunk})" if d.min_chunk else "") if d.chunk else ""
+            problems.append(f"domain {d.name}: {d.prefix} ({len(lengths):,} documents, {int(lengths.sum()):,} tokens"
+                            f"{kept}) is shorter than one sequence of {spec.seq_length:,} tokens")
+        stats = sidecar(d.prefix) or {}
+        if stats.get("vocab_size") and stats["vocab_size"] > vocab_size:
+            problems.append(f"domain {d.name}: {d.prefix}.json says it was tokenized with a vocabulary of "
+                            f"{stats['vocab_size']:,} tokens, more than the model's model.vocab_size={vocab_size:,} "
+                            f"(token ids past the embedding would crash training)")
+        if stats.get("tokenizer_sha256"):
+            tokenizers.setdefault(stats["tokenizer_sha256"], []).append(d.name)
+    if len(tokenizers) > 1:
+        groups = "; ".join(f"{', '.join(names)}: tokenizer sha256 {digest[:12]}" for digest, names in tokenizers.items())
+        problems.append(f"the mix's domains were tokenized with different tokenizers ({groups}); re-tokenize them "
+                        f"with the model's tokenizer")
+    return problems

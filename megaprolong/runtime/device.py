@@ -61,6 +61,16 @@ def init_process_group_per_attempt(backend: str, rank: int, world: int, timeout:
                             rank=rank, world_size=world, timeout=timeout)
 
 
+def set_collective_timeout(minutes: float) -> None:
+    """The timeout of every process group this process belongs to (the default one and megatron's), from
+    now on: a collective waiting longer fails (NCCL dumps its flight record first when asked to)."""
+    timeout = datetime.timedelta(minutes=minutes)
+    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # torch < 2.12
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not None and not dist.distributed_c10d._rank_not_in_group(group):
+            set_timeout(timeout, group)
+
+
 @contextlib.contextmanager
 def local_rank_zero_first():
     """Run the body on each node's local rank 0 first, then on the node's other ranks (e.g. building an

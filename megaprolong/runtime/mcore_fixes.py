@@ -33,3 +33,25 @@ def checkpoint_results_queue_dies_with_worker() -> None:
     manager.start(initializer=_die_with_parent)
     _managers.append(manager)
     filesystem_async._results_queue = manager.Queue()
+
+
+def async_writer_hashes_what_it_writes() -> None:
+    """megatron-core 0.19.2: the background checkpoint writer (``FileSystemWriterAsync.
+    write_preloaded_data``) opens its files with the builtin ``open`` and offers no hook for the stream.
+    Give that module an ``open`` that, for binary writes, returns our digesting stream, so that asynchronous
+    saves are recorded with full-content digests computed while writing, as synchronous ones are."""
+    import builtins
+
+    import torch.distributed as dist
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megaprolong.training.manifest import HashingStream
+
+    rank = dist.get_rank() if dist.is_initialized() else None
+
+    def open_hashed(file, mode="r", *args, **kwargs):
+        if mode == "wb" and not args and not kwargs:
+            return HashingStream(file, rank)
+        return builtins.open(file, mode, *args, **kwargs)
+
+    filesystem_async.open = open_hashed

@@ -1,36 +1,125 @@
-"""Slurm preemption and time limits: SIGTERM / SIGUSR1 ask a run to checkpoint and exit after the current
-step. Ranks agree through an all-reduce so that they all save the same step.
+"""Stopping on request: checkpoint after the current step, then exit. Every rank saves the same step: they
+agree through an all-reduce once per step.
 
-Under torchrun (elastic), SIGTERM comes from its agent tearing the workers down: a peer died, so the step
-can never complete and a handler waiting for it would wait for the collective timeout. There SIGTERM ends
-the worker at once (the run restarts from its newest checkpoint); preemption reaches the workers as
-SIGUSR1 (the sbatch scripts send it), which still checkpoints first."""
+What asks for a stop:
+
+- **SIGUSR1**: Slurm's time-limit warning (``--signal=B:USR1@600``), forwarded to the workers by the batch
+  shell.
+- **SIGTERM**: preemption (Slurm's default signal for it) and the time limit itself. Slurm sends it to every
+  process of the job, torchrun's agent included, which passes it on and gives its workers
+  ``--shutdown-timeout`` seconds before SIGKILL. But the agent also sends SIGTERM when it tears the
+  workers down because a peer died; then the step can never complete and the worker must exit at once.
+  The two are told apart by the STOP flag below, which the batch shell writes the moment Slurm signals
+  it: a worker that gets SIGTERM waits up to ``STOP_FLAG_WAIT_S`` for the flag; with it, it stops after
+  the step; without it, it exits at once, as the default action would. The decision is taken in a
+  thread woken by the signal itself (``signal.set_wakeup_fd``), so a main thread blocked in a collective
+  with a dead peer does not delay it.
+- **The STOP flag** (``RUN_FOLDER/STOP``): written by the batch shell on either signal and by rank 0 when
+  a stop is agreed, naming the launch (Slurm job and allocation, or torchrun's run). Workers of that
+  launch that start later (torchrun restarted them, or the signal came before they existed) stop at
+  their first step; a later launch ignores and removes it.
+
+The handlers are installed first thing in ``main()``: a signal that comes while the model is built or a
+checkpoint is read is kept, not lost (SIGUSR1's default action would kill the process).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import signal
+import threading
+import time
+from pathlib import Path
 
-import torch
-import torch.distributed as dist
+STOP = "STOP"
+STOP_FLAG_WAIT_S = 2.0
 
-from megaprolong.runtime.device import device
+
+def launch_id() -> str | None:
+    """One allocation of a job (a requeued job is a new launch), or one torchrun run; None otherwise."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+def stop_flag(folder: str | Path | None) -> dict | None:
+    """The STOP flag of this launch in ``folder``, else None."""
+    if not folder:
+        return None
+    try:
+        flag = json.loads((Path(folder) / STOP).read_text())
+    except (OSError, ValueError):
+        return None
+    return flag if flag.get("run") is not None and flag.get("run") == launch_id() else None
+
+
+def write_stop_flag(folder: str | Path, reason: str) -> None:
+    path = Path(folder) / STOP
+    tmp = path.with_name(f".{STOP}.{os.getpid()}")
+    tmp.write_text(json.dumps({"run": launch_id(), "reason": reason, "time": time.time()}))
+    os.replace(tmp, path)
+
+
+def remove_stale_stop_flag(folder: str | Path | None) -> None:
+    """A STOP flag left by an earlier launch (rank 0, at start)."""
+    if folder and (Path(folder) / STOP).exists() and stop_flag(folder) is None:
+        (Path(folder) / STOP).unlink(missing_ok=True)
 
 
 class StopRequest:
+    """Signal handlers and the STOP flag; :meth:`agreed` is the per-step collective decision."""
+
     def __init__(self):
-        self.requested = False
+        self.requested: str | None = None  # what asked, once something did
+        self.folder: Path | None = None
         elastic = "TORCHELASTIC_RUN_ID" in os.environ
         signal.signal(signal.SIGUSR1, self._handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if elastic else self._handler)
+        signal.signal(signal.SIGTERM, self._handler)
+        self._read_fd = None
+        if elastic:  # SIGTERM may be the agent's teardown: decide at once in a thread woken by the signal
+            self._read_fd, write_fd = os.pipe()
+            os.set_blocking(write_fd, False)
+            signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+            threading.Thread(target=self._on_wakeup, name="megaprolong-stop", daemon=True).start()
+
+    def watch(self, folder: str | Path | None) -> None:
+        """Honour this launch's STOP flag in ``folder`` (the run folder, once the config is read)."""
+        self.folder = Path(folder) if folder else None
 
     def _handler(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGUSR1 or self._read_fd is None or stop_flag(self.folder):
+            self.requested = signal.Signals(signum).name
+
+    def _on_wakeup(self) -> None:
+        while True:
+            select.select([self._read_fd], [], [])
+            for signum in os.read(self._read_fd, 64):
+                if signum != signal.SIGTERM:
+                    continue
+                deadline = time.monotonic() + STOP_FLAG_WAIT_S
+                while stop_flag(self.folder) is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if stop_flag(self.folder) is None:  # not a preemption: the agent is tearing workers down
+                    os._exit(128 + signal.SIGTERM)
+                self.requested = "SIGTERM"
 
     def agreed(self) -> bool:
-        """Whether any rank was signalled (collective: every rank calls it at the same step)."""
+        """Whether any rank was asked to stop, by a signal or this launch's STOP flag (collective: every rank
+        calls it at the same step). Rank 0 then leaves the flag for workers restarted in this launch."""
+        import torch
+        import torch.distributed as dist
+
+        from megaprolong.runtime.device import device
+
+        if self.requested is None and stop_flag(self.folder):
+            self.requested = "STOP flag"
         if not dist.is_initialized():
-            return self.requested
+            return self.requested is not None
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        stopping = bool(flag.item())
+        if stopping and dist.get_rank() == 0 and self.folder is not None and not stop_flag(self.folder):
+            write_stop_flag(self.folder, self.requested or "signal on another rank")
+        return stopping

@@ -89,13 +89,33 @@ def _attempt_callback(attempt: Any) -> Any:
 
 
 # Written into an HF checkpoint folder once every rank has saved its part: the folder's files with their
-# sizes and checksums. transformers writes checkpoint-N in place, so a worker killed during a save leaves a
-# folder that looks like a checkpoint; without this record it is never resumed from.
+# sizes and full-content digests. transformers writes checkpoint-N in place, so a worker killed during a
+# save leaves a folder that looks like a checkpoint; without this record it is never resumed from.
 COMPLETE = "megaprolong_complete.json"
 
 
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _gathered(part):
+    """Every rank's ``part`` (a list or dict), concatenated on every rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return part
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    if isinstance(part, dict):
+        return {k: v for p in parts for k, v in p.items()}
+    return list(dict.fromkeys(x for p in parts for x in p))
+
+
 def _completion_callback() -> Any:
-    """Records each HF checkpoint as complete after all ranks saved it (a barrier, then rank 0 writes)."""
+    """Records each HF checkpoint as complete after all ranks saved it: transformers wrote the files, so
+    every rank reads and hashes a share of them (in parallel), and rank 0 writes the record."""
     import torch
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -104,26 +124,30 @@ def _completion_callback() -> Any:
         def on_save(self, args, state, control, **kwargs):
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            files = _gathered(manifest.hash_share(folder, *_world(), exclude=(COMPLETE,)))
             if state.is_world_process_zero:
-                folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
                 tmp = folder / f".{COMPLETE}.tmp"
-                tmp.write_text(json.dumps({"step": state.global_step, "files": manifest.record(folder)}))
+                tmp.write_text(json.dumps({"step": state.global_step, "files": files}))
                 os.replace(tmp, folder / COMPLETE)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
 
     return Completion()
 
 
 def _problems(folder: Path) -> list[str]:
+    """What is wrong with an HF checkpoint (collective: every rank verifies the files it hashed)."""
     try:
         files = json.loads((folder / COMPLETE).read_text())["files"]
     except (OSError, ValueError, KeyError):
         return [f"no {COMPLETE} (its save did not finish)"]
-    return manifest.problems(folder, files)
+    return _gathered(manifest.problems(folder, files, mine=manifest.owned_by(*_world())))
 
 
 def newest_complete_checkpoint(folder: Path, say: Callable[[str], None]) -> Path | None:
-    """The newest HF checkpoint under ``folder`` that was saved completely and verifies; each newer one
-    skipped is said, with why."""
+    """The newest HF checkpoint under ``folder`` that was saved completely and verifies (collective when
+    torch.distributed is up); each newer one skipped is said, with why."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     steps = {int(m.group(1)): p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
@@ -196,9 +220,10 @@ def _final_save(trainer: Any, tokenizer: Any, out: Path) -> Path:
     return out
 
 
-def run_sft(cfg: SFTConfig) -> Path | None:
+def run_sft(cfg: SFTConfig, stop: Any = None) -> Path | None:
     """Fine-tune ``cfg.model`` on ``cfg.data``; returns the folder of the final HF model, or None when a
-    preemption signal stopped the run (its checkpoint is in OUTPUT_DIR/checkpoints; a rerun resumes)."""
+    preemption signal stopped the run (its checkpoint is in OUTPUT_DIR/checkpoints; a rerun resumes).
+    ``stop``: the signal handlers, installed by the caller as early as it can (a new one otherwise)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -221,7 +246,16 @@ def run_sft(cfg: SFTConfig) -> Path | None:
                                        datetime.timedelta(minutes=30))
     from megaprolong.runtime.attempts import start_attempt
 
-    attempt = start_attempt(Path(cfg.output_dir), rank0=int(os.environ.get("RANK", 0)) == 0)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    attempt = start_attempt(Path(cfg.output_dir), rank0=rank0)
+    lock = None
+    if rank0:  # refuses a folder another live run writes; takes over a dead one's
+        from megaprolong.runtime.preemption import remove_stale_stop_flag
+        from megaprolong.runtime.run_lock import RunLock
+
+        lock = RunLock(cfg.output_dir, say=lambda line: print(f"megaprolong-sft: {line}", flush=True))
+        lock.keep_fresh()
+        remove_stale_stop_flag(cfg.output_dir)
     args = training_arguments(cfg, world_size, cuda)
     say = (lambda line: print(f"megaprolong-sft: {line}", flush=True)) if args.process_index == 0 else (lambda _: None)
     transformers.set_seed(cfg.train.seed)
@@ -249,7 +283,8 @@ def run_sft(cfg: SFTConfig) -> Path | None:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     last = newest_complete_checkpoint(Path(args.output_dir), say)
     metrics = _MetricsFile(Path(cfg.logging.metrics_file or Path(cfg.output_dir) / "metrics.jsonl"), fresh=last is None)
-    stop = StopRequest()
+    stop = stop or StopRequest()
+    stop.watch(cfg.output_dir)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[metrics.callback, _preemption_callback(stop), _attempt_callback(attempt),
                                     _completion_callback()])
@@ -263,6 +298,8 @@ def run_sft(cfg: SFTConfig) -> Path | None:
     attempt.ended()
     preempted = stop.agreed()
     out = None if preempted else _final_save(trainer, tokenizer, Path(cfg.output_dir) / "model")
+    if lock is not None and not preempted:
+        lock.release()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # else gloo aborts the process at interpreter exit
     return out

@@ -3,7 +3,16 @@
 Layout: ``DIR/step_00001234/`` holds the sharded model and optimizer state plus ``megaprolong.json``
 (step, LR-schedule state, RoPE base, config) and one RNG file per rank. A checkpoint is written under
 ``step_N.tmp`` and renamed only after every rank finished and the metadata is in place, so an interrupted
-save is never picked by ``--resume auto``.
+save is never picked by ``--resume auto``; a run removes the ``.tmp`` folders a killed save left behind when
+it starts (they can hold 100+ GB at 8B).
+
+The metadata records every file with its size and full-content digest (:mod:`megaprolong.training.manifest`).
+``resume: auto`` verifies the newest checkpoint (every rank its own files, in parallel) and, if it fails,
+renames it aside (``step_N.corrupt``, kept for a person to look at) and tries the previous one. When the
+folder holds checkpoints but none verifies, the run stops (:class:`~megaprolong.runtime.attempts.FatalError`)
+instead of starting the stage again from ``checkpoint.load``: that would restart the LR schedule, and
+rotation would then delete the old checkpoints. Rotation (``checkpoint.keep``) counts only checkpoints whose
+files are all present at their recorded sizes, and never deletes a set-aside one.
 
 Weights are saved reshardable (they load under any TP/PP/CP/DP layout). Optimizer state
 (``checkpoint.optimizer_format=auto``): periodic and preemption saves are ``dp_reshardable``, rank-local
@@ -21,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -34,37 +42,48 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megaprolong.config import ConfigError
 from megaprolong.model.config import ModelConfig
 from megaprolong.model.state import unwrap_model
-from megaprolong.runtime.mcore_fixes import checkpoint_results_queue_dies_with_worker
+from megaprolong.runtime import attempts
+from megaprolong.runtime.attempts import FatalError
+from megaprolong.runtime.mcore_fixes import async_writer_hashes_what_it_writes, checkpoint_results_queue_dies_with_worker
 from megaprolong.training import manifest
+from megaprolong.training.checkpoint_dir import (  # noqa: F401  (re-exported: the folder's side of checkpoints)
+    ASIDE, META, complete_checkpoints, no_checkpoint_verifies, remove_stale_saves, resume_problems, rotate, set_aside,
+    verify)
 from megaprolong.training.sync_save import SynchronousSave
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-_META = "megaprolong.json"
+
+def verify_on_all_ranks(path: str | Path) -> list[str]:
+    """:func:`verify` with every rank reading the files its index wrote, in parallel (collective)."""
+    mine = manifest.owned_by(dist.get_rank(), dist.get_world_size())
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, verify(path, checksums=True, mine=mine))
+    return list(dict.fromkeys(line for lines in found for line in lines))
 
 
-def complete_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first (a dir counts once its metadata is in place)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / _META).exists()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
-
-
-def verify(path: str | Path, checksums: bool = True) -> list[str]:
-    """Problems of the checkpoint at ``path`` (unreadable metadata, a file missing, truncated or changed
-    since it was saved), one line each; empty when it verifies."""
-    path = Path(path)
-    try:
-        meta = json.loads((path / _META).read_text())
-    except (OSError, ValueError) as e:
-        return [f"{path / _META}: unreadable ({e})"]
-    return manifest.problems(path, meta.get("files"), checksums)
-
-
-def newest_verified(root: str | Path, say) -> Path | None:
-    """The newest complete checkpoint under ``root`` that verifies; each one skipped is said, with why."""
-    return manifest.first_verified(reversed(complete_checkpoints(root)), verify, say)
+def choose_resume(root: str | Path, say) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies (collective; every rank checks its own files).
+    Each one that does not is said, with why, and renamed aside by rank 0. Raises :class:`FatalError` when
+    checkpoints exist but none verifies; None when nothing was ever saved."""
+    found = complete_checkpoints(root)
+    lines = []
+    for path in reversed(found):
+        problems = verify_on_all_ranks(path)
+        if not problems:
+            return path
+        aside = path.with_name(path.name + ASIDE)
+        say(f"skipping checkpoint {path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+            + f"; renamed aside to {aside.name}")
+        lines.append(problems[0])
+        if dist.get_rank() == 0:
+            n = 1
+            while aside.exists():
+                aside, n = path.with_name(f"{path.name}{ASIDE}.{n}"), n + 1
+            os.replace(path, aside)
+        dist.barrier()
+    stop = no_checkpoint_verifies(root, [], lines)
+    if stop:
+        raise FatalError("\n".join(stop))
+    return None
 
 
 def _sharded_state(trainer, is_loading: bool, optimizer_format: str | None) -> dict:
@@ -166,6 +185,7 @@ def save(trainer, root: str | Path, keep: int | None = None, queue=None, portabl
     while training goes on; the checkpoint is published (metadata written, renamed) when the queue
     finalizes it (``queue.maybe_finalize_async_calls``, collective), so an unfinished one is never picked."""
     checkpoint_results_queue_dies_with_worker()
+    async_writer_hashes_what_it_writes()
     root = Path(root)
     final = root / f"step_{trainer.step:08d}"
     tmp = root / f"step_{trainer.step:08d}.tmp"
@@ -183,13 +203,13 @@ def save(trainer, root: str | Path, keep: int | None = None, queue=None, portabl
     def publish():
         dist.barrier()  # every rank's shards are written
         if dist.get_rank() == 0:  # the record of every file, then the metadata that marks it complete
-            meta["files"] = manifest.record(tmp, exclude=(_META,))
-            (tmp / _META).write_text(json.dumps(meta, indent=2, default=str))
+            meta["files"] = manifest.collect(tmp, exclude=(META,))
+            (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+            attempts.note_checkpoint(root, trainer.step)
             if keep:
-                for old in complete_checkpoints(root)[:-keep]:
-                    shutil.rmtree(old, ignore_errors=True)
+                rotate(root, keep)
         dist.barrier()
 
     # The RNG files go in after megatron's save has started: it warns "Overwriting old incomplete / corrupted
@@ -216,7 +236,7 @@ def load(trainer, path: str | Path, resume: bool) -> dict:
     checkpoint's own value is only reported.
     """
     path = Path(path)
-    meta = json.loads((path / _META).read_text())
+    meta = json.loads((path / META).read_text())
     saved = meta.get("config", {}).get("model", {})
     saved_head_dim = ModelConfig(**saved).head_dim if saved else trainer.cfg.model.head_dim
     if saved_head_dim != trainer.cfg.model.head_dim:

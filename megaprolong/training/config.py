@@ -8,6 +8,7 @@ from typing import Literal
 from megaprolong.config import ConfigError
 from megaprolong.model.config import ATTENTION_BACKENDS, ATTENTION_KERNELS, ModelConfig
 from megaprolong.model.families import FAMILIES
+from megaprolong.runtime.watchdog import WatchdogConfig
 
 
 @dataclass
@@ -36,7 +37,11 @@ class TrainConfig:
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16: bf16 weights and compute, fp32 master weights and grads
     recompute: Literal["none", "full", "selective"] = "full"  # activation recomputation: full (every layer), selective (attention), none
     loss_chunk_tokens: int = 0  # > 0: LM head + cross-entropy this many local tokens at a time (bounds logits memory)
-    dist_timeout_minutes: int = 30  # collective timeout (long CP all-gathers at 512K need minutes)
+    dist_timeout_minutes: int = 30  # collective timeout during start-up and the first steps (long CP all-gathers at 512K need minutes)
+    # once steps are steady (after watchdog.warmup_steps) the collective timeout drops to this; 0 keeps
+    # dist_timeout_minutes. The step watchdog usually ends a hang first, with every thread's stack printed
+    steady_timeout_minutes: int = 15
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
 
 @dataclass
@@ -68,7 +73,10 @@ class CheckpointConfig:
     interval: int = 0  # save every N steps (0: only at the end and on SIGTERM/SIGUSR1)
     resume: str = "auto"  # "auto": continue from the newest complete checkpoint in dir; "none"; or a path
     load: str | None = None  # start this stage from a checkpoint (or the newest in a dir): weights + optimizer, fresh schedule
-    keep: int | None = None  # keep only the newest N checkpoints
+    keep: int | None = None  # keep only the newest N intact checkpoints (damaged ones are never deleted)
+    # a stop request (preemption, time limit) skips its checkpoint when one was published this many steps
+    # ago or fewer (0: only when this very step was just saved)
+    stop_save_skip_steps: int = 0
     async_save: bool = False  # write checkpoints in a background process while training continues
     # optimizer state. auto: periodic and preemption saves dp_reshardable (each rank writes its own shard, no
     # communication; resumes under the same TP/PP, any DP), the stage's last save fully_reshardable (loads

@@ -10,7 +10,9 @@ cloned, because ``torch.save`` of a view writes its whole storage. So here:
 - a CPU tensor is handed to the writer as a zero-copy tensor whose storage is exactly its own bytes (no
   clone at all; a GPU tensor's host copy is already exactly its size);
 - a rank writes files of at most ``max_file_bytes`` each, one after the other, so at most one file's host
-  copies (GPU) are held at a time.
+  copies (GPU) are held at a time;
+- every file is written through a :class:`~megaprolong.training.manifest.HashingStream`, so its digest is
+  known when it is closed, without reading it back.
 
 The files and metadata are megatron's (its planner), and ``dist_checkpointing.load`` reads them as any
 torch_dist checkpoint.
@@ -18,16 +20,22 @@ torch_dist checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from megatron.core.dist_checkpointing.strategies.torch import (MCoreSavePlanner, TorchDistSaveShardedStrategy,
                                                                _replace_state_dict_keys_with_sharded_keys,
                                                                mcore_to_pyt_state_dict)
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.planner import WriteItemType
+
+from megaprolong.training.manifest import SIDECAR, HashingStream
 
 MAX_FILE_BYTES = 1 << 30
 
@@ -48,12 +56,36 @@ class ExactStoragePlanner(MCoreSavePlanner):
         return data if write_item.type == WriteItemType.BYTE_IO else exact_storage(data)
 
 
+class HashingFileSystem(FileSystem):
+    """DCP's local file system, with every file opened for writing digested as it is written."""
+
+    def __init__(self, rank: int | None):
+        super().__init__()
+        self.rank = rank
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        if mode != "wb":
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with HashingStream(path, self.rank) as stream:
+            yield stream
+
+    def rename(self, path, new_path) -> None:
+        super().rename(path, new_path)
+        sidecar = Path(f"{path}{SIDECAR}")
+        if sidecar.exists():  # the digest follows its file (DCP writes .metadata.tmp, then renames it)
+            os.replace(sidecar, f"{new_path}{SIDECAR}")
+
+
 class _BoundedFilesWriter(FileSystemWriter):
     """DCP's one-thread file writer, writing a rank's items into files of at most ``max_file_bytes``."""
 
     def __init__(self, path: str, max_file_bytes: int):
         super().__init__(path, single_file_per_rank=True, thread_count=1)
         self.max_file_bytes = max_file_bytes
+        self.fs = HashingFileSystem(dist.get_rank() if dist.is_initialized() else None)
 
     def write_data(self, plan, planner):
         files, current, size = [], [], 0

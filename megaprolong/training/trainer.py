@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,8 +38,10 @@ from megaprolong.model.context_parallel import concat_packed, split_for_context_
 from megaprolong.model.llama import attention_backend, build_model, transformer_config
 from megaprolong.model.state import unwrap_model
 from megaprolong.runtime.attempts import start_attempt
-from megaprolong.runtime.device import device, init_distributed, local_rank_zero_first
-from megaprolong.runtime.preemption import StopRequest
+from megaprolong.runtime.device import device, init_distributed, local_rank_zero_first, set_collective_timeout
+from megaprolong.runtime.preemption import StopRequest, remove_stale_stop_flag
+from megaprolong.runtime.run_lock import RunLock
+from megaprolong.runtime.watchdog import StepWatchdog
 from megaprolong.training import checkpoint
 from megaprolong.training.config import Config, validate
 from megaprolong.training.flops import train_step_flops
@@ -290,15 +293,20 @@ class Trainer:
         return t[0] / max(t[1], 1.0), int(t[1]), per_domain
 
 
+def steady_collective_timeout(t) -> None:
+    """Once steps are steady the watchdog catches hangs in minutes: shorten every group's collective
+    timeout to ``train.steady_timeout_minutes`` (start-up and the first steps keep the long one)."""
+    if t.steady_timeout_minutes and t.steady_timeout_minutes < t.dist_timeout_minutes:
+        set_collective_timeout(t.steady_timeout_minutes)
+
+
 def _start(trainer: Trainer, log) -> None:
     """Resume the run from its newest checkpoint, or start a stage from another run's checkpoint."""
     ck = trainer.cfg.checkpoint
     resume_from = None
     if ck.resume == "auto" and ck.dir:
-        # rank 0 reads the records and decides; every rank resumes from the same one
-        choice = [checkpoint.newest_verified(ck.dir, log) if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(choice, src=0)
-        resume_from = choice[0]
+        # every rank verifies its own files; all resume from the same one (or stop: none verifies)
+        resume_from = checkpoint.choose_resume(ck.dir, log)
     elif ck.resume not in ("auto", "none"):
         resume_from = ck.resume
     if resume_from is not None:
@@ -336,51 +344,84 @@ def _optimizer_note(meta: dict) -> str:
             f"checkpoint.optimizer_format=fully_reshardable, carries it across layouts)")
 
 
-def run(cfg: Config, make_dataset, log=print) -> list[StepMetrics]:
+def run(cfg: Config, make_dataset, log=print, stop: StopRequest | None = None) -> list[StepMetrics]:
     """Train ``cfg.train.steps`` steps on ``make_dataset()`` (anything with ``global_batch(step, size)``),
-    built by one rank per node first so its on-disk index cache is built once per node."""
+    built by one rank per node first so its on-disk index cache is built once per node. ``stop``: the
+    signal handlers, installed by the caller as early as it can (a new one otherwise)."""
+    ck = cfg.checkpoint
+    stop = stop or StopRequest()
+    stop.watch(ck.dir)
+    attempt = None  # rank 0's record of this attempt, once the process group exists
+    watchdog = StepWatchdog(cfg.train.watchdog, rank=int(os.environ.get("RANK", 0)),
+                            on_expire=lambda why: attempt and attempt.failed(attempt_step[0], why))
+    attempt_step = [0]
+    watchdog.arm("start-up", cfg.train.watchdog.startup_minutes * 60)
     trainer = Trainer(cfg)
+    rank0 = dist.get_rank() == 0
+    say = log if rank0 else (lambda *_: None)
+    attempt = start_attempt(ck.dir, rank0=rank0)  # stops if the same step (or start-up) failed twice
+    lock = None
+    if ck.dir and rank0:
+        lock = RunLock(ck.dir, say)  # refuses a folder another live run writes; takes over a dead one's
+        lock.keep_fresh()
+        checkpoint.remove_stale_saves(ck.dir, say)
+        remove_stale_stop_flag(ck.dir)
+    dist.barrier()
     with local_rank_zero_first():
         dataset = make_dataset()
     names = getattr(dataset, "domain_names", ["data"])
     trainer.num_domains = len(names)
-    say = log if dist.get_rank() == 0 else (lambda *_: None)
     say(f"attention: backend {trainer.attention['attention_backend']}, kernel {trainer.attention['attention_kernel']}")
-    ck = cfg.checkpoint
-    attempt = start_attempt(ck.dir, rank0=dist.get_rank() == 0)  # stops if the same step failed twice
     _start(trainer, say)
-    stop = StopRequest()
     history = []
-    metrics = MetricsLogger(cfg.logging, names, cfg.train.steps, enabled=dist.get_rank() == 0, print_fn=log,
+    metrics = MetricsLogger(cfg.logging, names, cfg.train.steps, enabled=rank0, print_fn=log,
                             run_info=trainer.attention)
     queue = AsyncCallsQueue() if ck.async_save else None
     batches = BatchPrefetcher(dataset, cfg.train.global_batch_size, cfg.train.steps)
+    last_saved = trainer.step if ck.dir and trainer.step > 0 else None  # the newest checkpoint's step
     try:
-        while trainer.step < cfg.train.steps:
+        stopping = stop.agreed()  # a signal during start-up is not lost
+        while trainer.step < cfg.train.steps and not stopping:
+            attempt_step[0] = trainer.step + 1
             attempt.step_starts(trainer.step + 1)
+            watchdog.arm_step(trainer.step + 1)
             m = trainer.train_step(*batches.get(trainer.step))
+            watchdog.step_done(m.step_time_s)
+            if len(watchdog.step_times) == cfg.train.watchdog.warmup_steps:
+                steady_collective_timeout(cfg.train)
             history.append(m)
             metrics.log(m)
             if queue:
                 queue.maybe_finalize_async_calls(blocking=False)  # publishes background saves that finished
             stopping = stop.agreed()
             due = ck.interval and trainer.step % ck.interval == 0
-            if ck.dir and (due or stopping or trainer.step == cfg.train.steps):
+            recent = stopping and last_saved is not None and trainer.step - last_saved <= ck.stop_save_skip_steps
+            if ck.dir and (due or (stopping and not recent) or trainer.step == cfg.train.steps):
+                watchdog.arm_save(trainer.step)
                 # the stage's last checkpoint is the next stage's start: portable across layouts
                 path = checkpoint.save(trainer, ck.dir, keep=ck.keep, queue=queue,
                                        portable=trainer.step == cfg.train.steps)
+                last_saved = trainer.step
                 say(f"{'saving' if queue else 'saved'} {path}")
-            if stopping:
-                say(f"stop requested (SIGTERM/SIGUSR1): checkpointed at step {trainer.step}, exiting")
-                break
+        if stopping:
+            done = (f"checkpointed at step {trainer.step}" if last_saved == trainer.step else
+                    f"not saving step {trainer.step}: the checkpoint of step {last_saved} is within "
+                    f"checkpoint.stop_save_skip_steps={ck.stop_save_skip_steps}" if last_saved is not None else
+                    "nothing to save")
+            say(f"stop requested ({stop.requested or 'on another rank'}): {done}; exiting")
+        watchdog.arm("the last checkpoint's background write", cfg.train.watchdog.save_minutes * 60)
+        if queue:
+            queue.maybe_finalize_async_calls(blocking=True)  # the last save is complete before we exit
         attempt.ended()
+        if lock is not None and not stopping:
+            lock.release()  # finished: the folder is free (a stopped run keeps it until its requeue)
     except BaseException as e:  # recorded, so that the same failure at the same step is not retried forever
         attempt.failed(trainer.step + 1, e)
         raise
     finally:
+        watchdog.disarm()
         batches.close()
         if queue:
-            queue.maybe_finalize_async_calls(blocking=True)  # the last save is complete before we exit
             queue.close()
         metrics.close()
     return history
