@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="ProLong long-context continued pre-training on megatron-core",
     python_requires=">=3.12",
-    packages=find_packages(include=["megaprolong", "megaprolong.*", "tools", "tools.*"]),
+    packages=find_packages(include=["megaprolong", "megaprolong.*"]),  # tools/ holds scripts, not a package
     install_requires=[
         # NVIDIA's containers bring their own torch: a range, never a pin (constraints.txt pins for CI).
         "torch>=2.6",
@@ -19,6 +19,7 @@ setup(
         "tokenizers",
         "tqdm",
         "zstandard",  # .jsonl.zst inputs
+        "xxhash",  # full-content checkpoint digests (xxh3-64)
         "pyarrow",  # parquet inputs
         "gigatoken",  # fast exact BPE tokenization (checked against tokenizers at start-up)
         "safetensors",  # HF checkpoints (conversion)
@@ -35,12 +36,12 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "megaprolong-train=tools.train:main",
-            "megaprolong-preprocess=tools.preprocess_data:main",
-            "megaprolong-convert=tools.convert:main",
-            "megaprolong-sft=tools.sft:main",
-            "megaprolong-eval=tools.eval:main",
-            "megaprolong-plan=tools.plan:main",
+            "megaprolong-train=megaprolong.train:main",
+            "megaprolong-preprocess=megaprolong.cli.preprocess:main",
+            "megaprolong-convert=megaprolong.cli.convert:main",
+            "megaprolong-sft=megaprolong.sft.cli:main",
+            "megaprolong-eval=megaprolong.eval.cli:main",
+            "megaprolong-plan=megaprolong.cli.plan:main",
         ]
     },
 )

@@ -58,8 +58,8 @@ def main() -> None:
                            repo, anonymous=True)
     for name, args in jobs.items():
         # twice: peak RSS (with the page cache of memory-mapped shards) and peak anonymous memory
-        t, rss = run_measured([sys.executable, "-m", "tools.convert", *args, "--force"], repo)
-        _, anon = run_measured([sys.executable, "-m", "tools.convert", *args, "--force"], repo, anonymous=True)
+        t, rss = run_measured([sys.executable, "-m", "megaprolong.cli.convert", *args, "--force"], repo)
+        _, anon = run_measured([sys.executable, "-m", "megaprolong.cli.convert", *args, "--force"], repo, anonymous=True)
         rows.append((name, t, rss / 2**30, anon / 2**30, (anon - base) / 2**30))
     shutil.rmtree(work, ignore_errors=True)
     print(f"\nLlama-3 {a.shape} shapes, {layers} layers: {params / 1e9:.2f}B parameters, {params * 2 / 2**30:.2f} GiB in bf16; largest tensor "

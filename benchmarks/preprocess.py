@@ -56,7 +56,7 @@ def make_tokenizer(corpus: Path, out: Path, vocab: int = 50000) -> Path:
 
 
 def run(name: str, corpus: Path, tokenizer: Path, prefix: Path, env_extra: dict, *extra: str) -> dict:
-    cmd = [sys.executable, "-m", "tools.preprocess_data", "--input", str(corpus), "--tokenizer", str(tokenizer),
+    cmd = [sys.executable, "-m", "megaprolong.cli.preprocess", "--input", str(corpus), "--tokenizer", str(tokenizer),
            "--output-prefix", str(prefix), "--workers", str(os.cpu_count()), "--quiet", *extra]
     wall, peak = run_measured(cmd, Path(__file__).resolve().parent.parent, env_extra)
     report = json.loads(prefix.with_suffix(".json").read_text())

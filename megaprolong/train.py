@@ -48,7 +48,9 @@ def file_problems(cfg: Config) -> list[str]:
     elif cfg.data.prefix:
         spec = MixSpec(seq_length=cfg.train.seq_length,
                        domains=[DomainSpec(name=os.path.basename(cfg.data.prefix), prefix=cfg.data.prefix, weight=1.0)])
-    if spec is not None and cfg.data.prepare != "tiny":  # the tiny recipes build their data on first use
+    if spec is not None and cfg.data.prepare == "tiny":  # the tiny recipes build their data on first use
+        problems += check_mix_data(spec, cfg.train.seq_length, cfg.model.vocab_size, datasets=False)
+    elif spec is not None:
         unreadable = [line for d in spec.domains for line in check_indexed(d.prefix)]
         problems += unreadable or check_mix_data(spec, cfg.train.seq_length, cfg.model.vocab_size)
     if cfg.data.cache_dir:

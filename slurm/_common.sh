@@ -59,17 +59,17 @@ run_torchrun() {
   cd "$REPO"
   if [ -n "$PROGRESS_DIR" ]; then
     rm -f "$PROGRESS_DIR/STOP"  # an earlier allocation's stop request
-    # NCCL's flight recorder: the last collectives of every rank, written when one times out
+    # NCCL's flight recorder: the last collectives of every rank, written to logs/ when one times out (the
+    # TORCH_FR_* names are torch >= 2.7's; older torch reads TORCH_NCCL_TRACE_BUFFER_SIZE and
+    # TORCH_NCCL_DEBUG_INFO_TEMP_FILE: export those instead)
     mkdir -p "$PROGRESS_DIR/logs"
-    export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000} TORCH_FR_BUFFER_SIZE=${TORCH_FR_BUFFER_SIZE:-2000}
-    export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
-    export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$PROGRESS_DIR/logs/nccl_trace_job${job}_rank}
-    export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$TORCH_NCCL_DEBUG_INFO_TEMP_FILE}
+    export TORCH_FR_BUFFER_SIZE=${TORCH_FR_BUFFER_SIZE:-2000} TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+    export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$PROGRESS_DIR/logs/nccl_trace_job${job}_rank}
   fi
 
   # 1. Start-up checks, once, here: bad input fails in seconds, is never retried, and is the last line.
   local rc=0
-  on_batch_host "$PYTHON" -m "$module" --check "$@" || rc=$?
+  WORLD_SIZE=$((NODES * GPUS_PER_NODE)) RANK=0 LOCAL_RANK=0 on_batch_host "$PYTHON" -m "$module" --check "$@" || rc=$?
   if [ "$rc" != 0 ]; then
     echo "error: the start-up checks failed (exit $rc, above): not launching; fix the input, then resubmit" >&2
     exit "$rc"

@@ -23,5 +23,5 @@ inputs=($INPUTS)
 for f in "${inputs[@]}"; do [ -e "$f" ] || fail "input not found: $f"; done
 cd "$REPO"
 # shellcheck disable=SC2086
-srun --mpi=pmix "${container[@]}" "$PYTHON" -m tools.preprocess_data --input "${inputs[@]}" \
+srun --mpi=pmix "${container[@]}" "$PYTHON" -m megaprolong.cli.preprocess --input "${inputs[@]}" \
   --tokenizer "$TOKENIZER" --output-prefix "$OUTPUT" --workers "${SLURM_CPUS_PER_TASK:-1}" ${PREPROCESS_ARGS:-}

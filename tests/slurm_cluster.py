@@ -99,7 +99,26 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
         raise TimeoutError(f"job {job} still {self.state(job)} after {timeout}s")
 
     def signal_batch(self, job: str, sig: str = "USR1") -> None:
+        """``sig`` to the batch shell only (what ``--signal=B:USR1@N`` does at the time-limit warning)."""
         _run("scancel", f"--signal={sig}", "--batch", job, env=self.env)
+
+    def signal_all(self, job: str, sig: str = "TERM") -> None:
+        """``sig`` to the batch shell and every step's processes, as Slurm preempts a job."""
+        _run("scancel", f"--signal={sig}", "--full", job, env=self.env)
+
+    def show(self, job: str) -> dict[str, str]:
+        """``scontrol show job``'s fields."""
+        out = _run("scontrol", "show", "job", job, env=self.env, check=False).stdout
+        return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+    def cancel(self, *jobs: str) -> None:
+        _run("scancel", *jobs, env=self.env, check=False)
+
+    def submit_singleton(self, script: str, *options: str, env: dict) -> str:
+        """``slurm/submit.sh SCRIPT OPTIONS``: named after the run folder, --dependency=singleton."""
+        out = subprocess.run([str(Path(script).parent / "submit.sh"), script, *options], check=True,
+                             capture_output=True, text=True, env={**self.env, **env})
+        return out.stdout.strip().split(";")[0]
 
     def stop(self) -> None:
         _run("scancel", "--user=root", env=self.env, check=False)
@@ -107,4 +126,21 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
         while _run("squeue", "-h", env=self.env, check=False).stdout.strip() and time.time() < deadline:
             time.sleep(0.5)
         _run("scontrol", "shutdown", env=self.env, check=False)
+        self.kill_leftovers()
         time.sleep(1)
+
+    def kill_leftovers(self) -> None:
+        """Processes of this cluster's jobs that outlived them: without cgroups (proctrack/pgid) Slurm does not
+        see torchrun's workers, which run in sessions of their own."""
+        import psutil
+
+        mine = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get("SLURM_CONF") == str(self.conf) and p.pid != os.getpid():
+                    mine.append(p)
+            except psutil.Error:
+                continue
+        for p in mine:
+            p.kill()
+        psutil.wait_procs(mine, timeout=10)

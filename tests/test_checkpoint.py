@@ -160,7 +160,7 @@ def test_trained_checkpoint_exports_to_transformers_with_its_rope_base(uninterru
     from transformers import AutoModelForCausalLM
 
     d, _ = uninterrupted
-    out = subprocess.run([sys.executable, "-m", "tools.convert", "mcore-to-hf", "--ckpt", str(d / "ckpt"),
+    out = subprocess.run([sys.executable, "-m", "megaprolong.cli.convert", "mcore-to-hf", "--ckpt", str(d / "ckpt"),
                           "--out", str(tmp_path / "hf"), "--dtype", "float32"], capture_output=True, text=True,
                          cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

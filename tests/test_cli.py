@@ -134,3 +134,15 @@ def test_bad_paths_are_named_before_any_process_group(tmp_path, small_dataset, p
                                  capture_output=True, text=True, timeout=60)
         assert inspect.returncode == 2 and f"{small_dataset}.idx" in inspect.stderr
         assert "Traceback" not in inspect.stderr
+
+
+def test_no_top_level_tools_package_is_installed(tmp_path):
+    """The installed package is megaprolong alone: `import tools` elsewhere finds nothing of ours (it would
+    shadow any other project's `tools`); the checkout's tools/ scripts still run Megatron-LM style."""
+    probe = subprocess.run([sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('tools'))"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert probe.stdout.strip() == "None", probe.stdout
+    for name in ("preprocess_data", "convert", "plan", "train", "sft", "eval"):
+        out = subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), "--help"], capture_output=True,
+                             text=True, cwd=tmp_path, timeout=60)
+        assert out.returncode == 0 and "usage:" in out.stdout, (name, out.stderr[-500:])

@@ -32,7 +32,7 @@ def tiny_hf(path: Path, **overrides) -> Path:
 
 
 def convert(*args):
-    return subprocess.run([sys.executable, "-m", "tools.convert", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "megaprolong.cli.convert", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, timeout=300)
 
 
@@ -197,7 +197,7 @@ def test_conversion_holds_one_tensor_set_not_the_model(tmp_path):
             num_attention_heads=8, num_key_value_heads=2)
     model_bytes = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
     assert model_bytes > 550e6
-    python = [sys.executable, "-m", "tools.convert"]
+    python = [sys.executable, "-m", "megaprolong.cli.convert"]
     _, base = run_measured([sys.executable, "-c", "import megaprolong.convert.jobs, megatron.core, safetensors"],
                            REPO, anonymous=True)
     _, to_mcore = run_measured([*python, "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mcore")], REPO,
@@ -220,7 +220,7 @@ def test_conversion_never_consults_transformer_engine(converted, tmp_path):
     patched = ("import sys, megaprolong.model.llama as llama\n"
                "def consulted():\n    raise AssertionError('conversion consulted have_transformer_engine()')\n"
                "llama.have_transformer_engine = consulted\n"
-               "from tools.convert import main\nsys.exit(main(sys.argv[1:]))\n")
+               "from megaprolong.cli.convert import main\nsys.exit(main(sys.argv[1:]))\n")
     run = lambda *args: subprocess.run([sys.executable, "-c", patched, *map(str, args)], capture_output=True,  # noqa: E731
                                        text=True, cwd=REPO, timeout=300)
     out = run("hf-to-mcore", "--hf", hf, "--out", tmp_path / "mcore", "--verify", "--tolerance", "1e-4")

@@ -21,7 +21,7 @@ def test_512k_recipe_fits_8_nodes_of_h100_and_matches_prolong_throughput():
 
 
 def test_layout_that_cannot_fit_is_reported():
-    out = subprocess.run([sys.executable, "-m", "tools.plan", "--recipe", str(REPO / "examples/prolong_512k.yaml"),
+    out = subprocess.run([sys.executable, "-m", "megaprolong.cli.plan", "--recipe", str(REPO / "examples/prolong_512k.yaml"),
                           "--nodes", "2", "parallel.tp=1", "parallel.cp=1", "parallel.sequence_parallel=false"],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0

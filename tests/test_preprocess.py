@@ -117,7 +117,7 @@ def test_truncated_gz_and_missing_paths(tmp_path, tiny_corpus, tiny_tokenizer):
 def test_cli_exit_code_and_message(tmp_path, tiny_tokenizer):
     src = tmp_path / "in.jsonl"
     src.write_bytes(b'{"text": "ok"}\nnot json\n')
-    out = subprocess.run([sys.executable, "-m", "tools.preprocess_data", "--input", str(src), "--tokenizer",
+    out = subprocess.run([sys.executable, "-m", "megaprolong.cli.preprocess", "--input", str(src), "--tokenizer",
                           str(tiny_tokenizer), "--output-prefix", str(tmp_path / "o" / "x"), "--quiet"],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "in.jsonl:2: malformed JSON" in out.stderr
@@ -197,7 +197,7 @@ def test_kill_9_never_leaves_a_valid_pair(tmp_path, tiny_tokenizer):
     line = json.dumps({"text": "Every document packs the tokens of a long story. " * 40}) + "\n"
     src.write_text(line * 20000)  # ~40 MB
     prefix = tmp_path / "out" / "ds"
-    cmd = [sys.executable, "-m", "tools.preprocess_data", "--input", str(src), "--tokenizer", str(tiny_tokenizer),
+    cmd = [sys.executable, "-m", "megaprolong.cli.preprocess", "--input", str(src), "--tokenizer", str(tiny_tokenizer),
            "--output-prefix", str(prefix), "--quiet"]
     proc = subprocess.Popen(cmd)
     deadline = time.time() + 60
@@ -215,7 +215,7 @@ def test_inspect_prints_counts_and_histogram(tmp_path, tiny_corpus, tiny_tokeniz
 
     src = write_jsonl(tiny_corpus, tmp_path / "in.jsonl")
     prefix, report = run(tmp_path, tiny_tokenizer, [src])
-    out = subprocess.run([sys.executable, "-m", "tools.preprocess_data", "inspect", str(prefix)],
+    out = subprocess.run([sys.executable, "-m", "megaprolong.cli.preprocess", "inspect", str(prefix)],
                          capture_output=True, text=True)
     assert out.returncode == 0
     assert f"{report['documents']:,} documents, {report['tokens']:,} tokens" in out.stdout
@@ -235,7 +235,7 @@ def test_mpirun_two_ranks_equals_one_rank(tmp_path, tiny_corpus, tiny_tokenizer)
     prefix = tmp_path / "mpi" / "ds"
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_btl="self,tcp",
                OMPI_MCA_plm_rsh_agent="false")
-    out = subprocess.run(["mpirun", "-n", "2", "--oversubscribe", sys.executable, "-m", "tools.preprocess_data",
+    out = subprocess.run(["mpirun", "-n", "2", "--oversubscribe", sys.executable, "-m", "megaprolong.cli.preprocess",
                           "--input", *map(str, inputs), "--tokenizer", str(tiny_tokenizer),
                           "--output-prefix", str(prefix), "--quiet"], capture_output=True, text=True, env=env,
                          timeout=180)
@@ -250,7 +250,7 @@ def test_cli_writes_index_in_a_child_process(tmp_path, tiny_corpus, tiny_tokeniz
     """The CLI does not import megatron-core itself; the .idx its child writes opens in megatron."""
     src = write_jsonl(tiny_corpus, tmp_path / "in.jsonl")
     prefix = tmp_path / "cli" / "ds"
-    out = subprocess.run([sys.executable, "-m", "tools.preprocess_data", "--input", str(src), "--tokenizer",
+    out = subprocess.run([sys.executable, "-m", "megaprolong.cli.preprocess", "--input", str(src), "--tokenizer",
                           str(tiny_tokenizer), "--output-prefix", str(prefix), "--add-eos"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["documents"] == len(tiny_corpus)

@@ -183,6 +183,68 @@ def test_parquet_and_saved_hf_datasets_read_like_jsonl(tmp_path, chats, tokenize
         assert [(c.input_ids, c.labels) for c in read_conversations(source, tokenizer)] == expected
 
 
+def test_a_folder_of_splits_trains_on_one_split_only(tmp_path, chats, tokenizer):
+    """UltraChat's data/ folder holds train_sft, test_sft, train_gen and test_gen shards: only train_sft is
+    read by default; a folder of train and test reads train; an explicit data.split is honoured; several
+    splits and no rule to choose are refused, naming them; so is a saved DatasetDict's."""
+    import datasets
+
+    from megaprolong.data.readers import DataError
+    from megaprolong.sft.data import chat_files, read_conversations
+
+    rows = [json.loads(line) for line in Path(chats).read_text().splitlines()]
+    ultrachat = tmp_path / "ultrachat_200k" / "data"
+    ultrachat.mkdir(parents=True)
+    parts = {"train_sft": rows[:30], "test_sft": rows[30:40], "train_gen": rows[40:50], "test_gen": rows[50:]}
+    for split, part in parts.items():
+        for shard, chunk in enumerate((part[: len(part) // 2], part[len(part) // 2:])):
+            datasets.Dataset.from_list(chunk).to_parquet(str(ultrachat / f"{split}-{shard:05d}-of-00002-a3ecf927.parquet"))
+
+    def read(path, split=None):
+        return [(c.input_ids, c.labels) for c in read_conversations(path, tokenizer, split=split)]
+
+    def expected(part):
+        (tmp_path / "one.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+        return read(tmp_path / "one.jsonl")
+
+    files, split = chat_files(ultrachat)
+    assert split == "train_sft" and [f.name[:9] for f in files] == ["train_sft", "train_sft"]
+    assert read(ultrachat) == expected(parts["train_sft"])
+    assert read(ultrachat, split="test_gen") == expected(parts["test_gen"])
+    plain = tmp_path / "plain"  # a folder per split
+    for split, part in (("train", rows[:20]), ("test", rows[20:])):
+        (plain / split).mkdir(parents=True)
+        (plain / split / "part-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    assert read(plain) == expected(rows[:20])
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for split in ("validation", "test"):
+        (odd / f"{split}.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(DataError, match=r"holds several splits \(test, validation\): name the one to train on"):
+        chat_files(odd)
+    with pytest.raises(DataError, match="data.split='train': no such split here"):
+        chat_files(odd, "train")
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows[:5]),
+                          "dev": datasets.Dataset.from_list(rows[5:10])}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match="several splits"):
+        read(tmp_path / "dict")
+    assert read(tmp_path / "dict", split="dev") == expected(rows[5:10])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_fsdp_wraps_each_familys_own_decoder_layer(tmp_path, family):
+    """FSDP (GPU only, so its settings are what is tested here) wraps the model's own decoder layers."""
+    from transformers import AutoConfig
+
+    from megaprolong.sft.config import SFTConfig
+    from megaprolong.sft.run import fsdp_settings
+
+    AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1).save_pretrained(tmp_path)
+    want = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer", "qwen3": "Qwen3DecoderLayer"}[family]
+    assert fsdp_settings(SFTConfig(model=str(tmp_path)))["transformer_layer_cls_to_wrap"] == [want]
+
+
 def test_packing_starts_a_new_sequence_when_a_conversation_does_not_fit():
     from megaprolong.sft.chat import IGNORE
     from megaprolong.sft.data import Conversation, DataReport, plan_packing, truncate

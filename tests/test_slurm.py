@@ -1,7 +1,10 @@
 """`sbatch slurm/prolong_512k.sh` on a real single-host Slurm with the tiny CPU recipe: the job trains,
-logs, checkpoints; on the preemption signal it checkpoints, requeues itself and resumes."""
+logs, checkpoints; on preemption (SIGTERM) and the time-limit warning (SIGUSR1) it checkpoints, requeues
+itself and resumes; failures are requeued within their own budget; bad input, a second job on the same
+folder and a bad node are refused before anything trains."""
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +21,8 @@ pytestmark = pytest.mark.multirank
 def cluster(tmp_path_factory):
     reason = ensure_installed()
     if reason:
+        if os.environ.get("CI") == "true":  # CI installs Slurm: a skip there is a test that did not run
+            pytest.fail(f"CI=true but Slurm is unusable: {reason}")
         pytest.skip(reason)
     c = Cluster(tmp_path_factory.mktemp("slurm"))
     c.start()
@@ -25,15 +30,21 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def submit(cluster, tmp_path, steps, name, extra="", **settings):
-    env = {"REPO": str(REPO), "RECIPE": str(REPO / "examples" / "tiny_stage1.yaml"), "GPUS_PER_NODE": "2",
-           "PYTHON": sys.executable, "CKPT_DIR": str(tmp_path / "ckpt"), "DATA_ROOT": str(tmp_path / "data"),
-           "MASTER_PORT": "29611",
-           "EXTRA_ARGS": f"train.steps={steps} logging.metrics_file={tmp_path / 'metrics.jsonl'} {extra}", **settings}
+def stage_env(tmp_path, steps, extra="", **settings):
     (tmp_path / "data").mkdir(parents=True, exist_ok=True)
-    log = tmp_path / "job.log"
-    job = cluster.sbatch(str(REPO / "slurm" / "prolong_512k.sh"), f"--job-name={name}", "--nodes=1",
-                         "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}", f"--chdir={REPO}", env=env)
+    return {"REPO": str(REPO), "RECIPE": str(REPO / "examples" / "tiny_stage1.yaml"), "GPUS_PER_NODE": "2",
+            "PYTHON": sys.executable, "CKPT_DIR": str(tmp_path / "ckpt"), "DATA_ROOT": str(tmp_path / "data"),
+            "MASTER_PORT": "29611",
+            "EXTRA_ARGS": f"train.steps={steps} logging.metrics_file={tmp_path / 'metrics.jsonl'} {extra}", **settings}
+
+
+JOB_OPTIONS = ("--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", f"--chdir={REPO}")
+
+
+def submit(cluster, tmp_path, steps, name, extra="", log_name="job.log", **settings):
+    log = tmp_path / log_name
+    job = cluster.sbatch(str(REPO / "slurm" / "prolong_512k.sh"), f"--job-name={name}", *JOB_OPTIONS,
+                         f"--output={log}", env=stage_env(tmp_path, steps, extra, **settings))
     return job, log
 
 
@@ -42,33 +53,64 @@ def metrics(folder):
     return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
-def preempt_after(cluster, job, log, rows, n):
-    """Once ``rows()`` has ``n`` entries, send the job the preemption signal; then it must complete."""
-    deadline = time.time() + 240
+def wait_rows(cluster, job, log, rows, n, timeout=240):
+    """Until ``rows()`` has ``n`` entries (the job must stay alive meanwhile)."""
+    deadline = time.time() + timeout
     while len(rows()) < n:
-        assert time.time() < deadline and cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
+        assert time.time() < deadline and cluster.state(job) in ALIVE, \
             log.read_text(errors="replace")[-3000:] if log.exists() else "no log"
         time.sleep(0.2)
+
+
+def preempt_after(cluster, job, log, rows, n):
+    """Once ``rows()`` has ``n`` entries, send the job the time-limit warning; then it must complete."""
+    wait_rows(cluster, job, log, rows, n)
     cluster.signal_batch(job)
     assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
     return log.read_text(errors="replace")
 
 
-def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
-    steps = 60
-    job, log = submit(cluster, tmp_path, steps, "tiny-preempt")
-    text = preempt_after(cluster, job, log, lambda: metrics(tmp_path), 2)
-    assert "USR1: asking the training processes to checkpoint" in text
-    assert "requeueing job" in text and "restart 1" in text and "resumed from" in text
-    rows = metrics(tmp_path)
-    assert rows[-1]["step"] == steps
-    assert sorted({r["step"] for r in rows}) == list(range(1, steps + 1))
+def test_preemption_time_limit_and_failures_each_end_in_a_requeue(cluster, tmp_path):
+    """One job, four allocations: preempted as Slurm does it (SIGTERM to the batch shell and every step), it
+    checkpoints after the current step and requeues; then the time-limit warning (SIGUSR1 to the batch shell)
+    does the same; then, after those two requeues (SLURM_RESTART_COUNT=2 > MAX_REQUEUES=1), a worker dies
+    with no torchrun restarts left: a failure requeue still has its budget (preemptions do not count), and
+    the run finishes every step once, each allocation resuming from the previous one's last checkpoint."""
+    steps = 70
+    job, log = submit(cluster, tmp_path, steps, "tiny-preempt", MAX_RESTARTS="0", MAX_REQUEUES="1")
+    rows = lambda: metrics(tmp_path)  # noqa: E731
+    wait_rows(cluster, job, log, rows, 3)
+    cluster.signal_all(job, "TERM")
+    wait_until(lambda: "restart 1:" in log.read_text(errors="replace"), cluster, job, log)
+    n = len(rows())
+    wait_rows(cluster, job, log, rows, n + 3)
+    cluster.signal_batch(job, "USR1")
+    wait_until(lambda: "restart 2:" in log.read_text(errors="replace"), cluster, job, log)
+    n = len(rows())
+    wait_rows(cluster, job, log, rows, n + 3)
+    kill_one_worker("megaprolong.train", tmp_path / "ckpt")
+    assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
+    text = log.read_text(errors="replace")
+    assert "TERM: asking the training processes to checkpoint" in text and "stopped on TERM" in text
+    assert "USR1: asking the training processes to checkpoint" in text and "stopped on USR1" in text
+    assert "failure requeue 1 of 1" in text and "restart 3:" in text and "giving up" not in text
+    # each stop checkpointed its step, and the next allocation resumed there
+    import re
+
+    for stopped in re.findall(r"stop requested \(\w+\): checkpointed at step (\d+)", text)[:2]:
+        assert f"step_{int(stopped):08d} at step {int(stopped)}" in text, stopped
+    assert len(re.findall(r"stop requested \(\w+\): checkpointed at step", text)) == 2
+    got = rows()
+    assert got[-1]["step"] == steps and sorted({r["step"] for r in got}) == list(range(1, steps + 1))
+
+
+ALIVE = ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "COMPLETING")  # a requeued job passes through the last two
 
 
 def wait_until(predicate, cluster, job, log, timeout=240):
     deadline = time.time() + timeout
     while not predicate():
-        assert time.time() < deadline and cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
+        assert time.time() < deadline and cluster.state(job) in ALIVE, \
             log.read_text(errors="replace")[-3000:] if log.exists() else "no log"
         time.sleep(0.05)
 
@@ -108,10 +150,11 @@ def test_dead_worker_restarts_in_the_job_then_a_repeated_failure_stops_it(cluste
     ref, ref_log = submit(cluster, tmp_path / "ref", 6, "tiny-uninterrupted", SLOW)
     assert cluster.wait(ref, timeout=400) == "COMPLETED", ref_log.read_text(errors="replace")[-3000:]
     text = ref_log.read_text(errors="replace")
-    assert "rendezvous" in text and "step     6/6" in text and "Overwriting old incomplete" not in text
+    assert "start-up checks passed" in text and "node_check: " in text and " ok (0 GPU(s)" in text
+    assert "step     6/6" in text and "Overwriting old incomplete" not in text
     assert [m["step"] for m in metrics(tmp_path / "ref")] == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "ref" / "ckpt" / "step_00000006" / "megaprolong.json").exists()
-    job, log = submit(cluster, tmp_path / "a", 6, "tiny-dead-worker", SLOW, MAX_RESTARTS="1")
+    job, log = submit(cluster, tmp_path / "a", 6, "tiny-dead-worker", SLOW, MAX_RESTARTS="1", NODE_CHECK="0")
     kill_one_worker_at("megaprolong.train", tmp_path / "a" / "ckpt", {"step": 4}, job, cluster, log)
     assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
     text = log.read_text(errors="replace")
@@ -121,7 +164,7 @@ def test_dead_worker_restarts_in_the_job_then_a_repeated_failure_stops_it(cluste
     got = {r["step"]: r["loss"] for r in metrics(tmp_path / "a")}
     assert sorted(got) == list(range(1, 7)) and all(abs(got[s] - want[s]) <= 1e-6 * abs(want[s]) for s in want)
 
-    job, log = submit(cluster, tmp_path / "b", 6, "tiny-repeated-failure", SLOW, MAX_RESTARTS="1")
+    job, log = submit(cluster, tmp_path / "b", 6, "tiny-repeated-failure", SLOW, MAX_RESTARTS="1", NODE_CHECK="0")
     for failed_before in (None, 3):
         kill_one_worker_at("megaprolong.train", tmp_path / "b" / "ckpt", {"step": 3, "failed_before": failed_before},
                            job, cluster, log)
@@ -139,7 +182,8 @@ def test_sft_dead_worker_restarts_in_the_job(cluster, tmp_path, tiny_chat_model)
     out, steps = tmp_path / "sft", 40
     env = {"REPO": str(REPO), "RECIPE": str(REPO / "examples" / "tiny_sft.yaml"), "MODEL": str(tiny_chat_model),
            "SFT_DATA": str(chats), "OUT_DIR": str(out), "GPUS_PER_NODE": "2", "PYTHON": sys.executable,
-           "MASTER_PORT": "29613", "MAX_RESTARTS": "1", "EXTRA_ARGS": f"train.steps={steps} train.save_steps=5"}
+           "MASTER_PORT": "29613", "MAX_RESTARTS": "1", "NODE_CHECK": "0",
+           "EXTRA_ARGS": f"train.steps={steps} train.save_steps=5"}
     ref_log = tmp_path / "sft_ref.log"
     ref = cluster.sbatch(str(REPO / "slurm" / "sft.sh"), "--job-name=tiny-sft-ref", "--nodes=1", "--gpus-per-node=0",
                          "--cpus-per-task=2", f"--output={ref_log}", f"--chdir={REPO}",
@@ -179,7 +223,7 @@ def test_sft_job_preempts_requeues_resumes_then_eval_job_scores_the_model(cluste
     out, steps = tmp_path / "sft", 300
     env = {"REPO": str(REPO), "RECIPE": str(REPO / "examples" / "tiny_sft.yaml"), "MODEL": str(tiny_chat_model),
            "SFT_DATA": str(chats), "OUT_DIR": str(out), "GPUS_PER_NODE": "2", "PYTHON": sys.executable,
-           "MASTER_PORT": "29612", "EXTRA_ARGS": f"train.steps={steps}"}
+           "MASTER_PORT": "29612", "NODE_CHECK": "0", "EXTRA_ARGS": f"train.steps={steps}"}
     log = tmp_path / "sft.log"
     job = cluster.sbatch(str(REPO / "slurm" / "sft.sh"), "--job-name=tiny-sft", "--nodes=1", "--gpus-per-node=0",
                          "--cpus-per-task=2", f"--output={log}", f"--chdir={REPO}", env=env)
@@ -211,3 +255,67 @@ def test_scripts_fail_fast_on_missing_inputs(cluster, tmp_path):
                              f"--output={log}", f"--chdir={REPO}", env={"REPO": str(REPO), **env})
         assert cluster.wait(job, timeout=60) == "FAILED"
         assert message in log.read_text(errors="replace")
+
+
+def test_one_job_per_folder(cluster, tmp_path):
+    """While a job trains in a folder, a second job on the same folder (plain sbatch) is refused by the
+    folder's lock, naming the first, without a requeue; one submitted through slurm/submit.sh waits for the
+    first (--dependency=singleton under a name derived from the folder) and then resumes its checkpoint."""
+    env = stage_env(tmp_path, 40, SLOW)
+    # side by side on 2 CPUs (the script asks for the whole node: --exclusive)
+    options = (*JOB_OPTIONS[:2], "--cpus-per-task=1", "--mem=1G", "--oversubscribe", JOB_OPTIONS[3])
+    first = cluster.submit_singleton(str(REPO / "slurm" / "prolong_512k.sh"), *options,
+                                     f"--output={tmp_path / 'first.log'}", env=env)
+    wait_until(lambda: (tmp_path / "ckpt" / "run.lock").exists() and len(metrics(tmp_path)) >= 1, cluster, first,
+               tmp_path / "first.log")
+    name = cluster.show(first)["JobName"]
+    assert name.startswith("mp-ckpt-")
+    second = cluster.sbatch(str(REPO / "slurm" / "prolong_512k.sh"), "--job-name=intruder", *options,
+                            f"--output={tmp_path / 'second.log'}", env=env)
+    assert cluster.wait(second, timeout=120) == "FAILED"
+    text = (tmp_path / "second.log").read_text(errors="replace")
+    assert f"is in use by job {first} on" in text and "requeue" not in text.replace("not launching", "")
+    assert cluster.show(second).get("Restarts") == "0"
+    third = cluster.submit_singleton(str(REPO / "slurm" / "prolong_512k.sh"), *options,
+                                     f"--output={tmp_path / 'third.log'}", env=env)
+    time.sleep(3)
+    assert cluster.show(third)["JobName"] == name and cluster.state(third) == "PENDING"
+    assert cluster.show(third)["Reason"] == "Dependency" and cluster.state(first) == "RUNNING"
+    cluster.cancel(first, third)
+
+
+def test_bad_input_fails_once_with_the_reason_last(cluster, tmp_path):
+    """A mix with a zero weight: the start-up check says so in one line, the job fails with exit 2 at once,
+    torchrun never starts and the job is not requeued."""
+    import yaml
+
+    mix = yaml.safe_load((REPO / "examples" / "mixes" / "tiny_stage1.yaml").read_text())
+    mix["domains"][2]["weight"] = 0
+    (tmp_path / "bad_mix.yaml").write_text(yaml.safe_dump(mix))
+    job, log = submit(cluster, tmp_path, 6, "tiny-bad-data", f"data.mix={tmp_path / 'bad_mix.yaml'}")
+    assert cluster.wait(job, timeout=120) == "FAILED"
+    info = cluster.show(job)
+    assert info["ExitCode"] == "2:0" and info.get("Restarts") == "0"
+    lines = log.read_text(errors="replace").splitlines()
+    said = [line for line in lines if "megaprolong-train: domain web: weight 0" in line]
+    assert len(said) == 1 and "weights are normalized" in said[0]
+    assert "the start-up checks failed" in lines[-1] and "not launching" in lines[-1]
+    assert not any("attention: backend" in line or "torch.distributed.run" in line for line in lines)
+
+
+def test_a_node_that_fails_its_check_is_named_and_left_out(cluster, tmp_path):
+    """The node check fails on the (only) node: the job names it, never starts torchrun there, and is
+    requeued with the node excluded (here it then has nowhere to run: it stays pending)."""
+    import socket
+
+    host = socket.gethostname().split(".")[0]
+    job, log = submit(cluster, tmp_path, 6, "tiny-bad-node", MEGAPROLONG_NODE_CHECK_FAIL=host)
+    wait = time.time() + 120
+    while cluster.show(job).get("ExcNodeList") != host:
+        assert time.time() < wait, log.read_text(errors="replace")[-3000:] if log.exists() else "no log"
+        time.sleep(1)
+    text = log.read_text(errors="replace")
+    assert f"node_check: {host} FAILED" in text and f"node check failed on: {host}; not training there" in text
+    assert f"requeued with ExcNodeList={host}" in text and "attention: backend" not in text
+    assert cluster.wait(job, states=("PENDING",), timeout=90) == "PENDING"  # nowhere left to run
+    cluster.cancel(job)

@@ -1,4 +1,6 @@
-"""Console entry point ``megaprolong-eval`` (see megaprolong/eval/cli.py)."""
+#!/usr/bin/env python3
+"""``python tools/eval.py ...``: the same as ``megaprolong-eval`` (a script of the checkout, Megatron-LM style; the
+command itself is megaprolong.eval.cli's main)."""
 
 import sys
 

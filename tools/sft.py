@@ -1,4 +1,6 @@
-"""Console entry point ``megaprolong-sft`` (see megaprolong/sft/cli.py)."""
+#!/usr/bin/env python3
+"""``python tools/sft.py ...``: the same as ``megaprolong-sft`` (a script of the checkout, Megatron-LM style; the
+command itself is megaprolong.sft.cli's main)."""
 
 import sys
 

@@ -114,12 +114,13 @@ def sidecar(prefix: str | Path) -> dict | None:
         return None
 
 
-def check_mix_data(spec, seq_length: int, vocab_size: int) -> list[str]:
+def check_mix_data(spec, seq_length: int, vocab_size: int, datasets: bool = True) -> list[str]:
     """Problems of a mix (a :class:`~megaprolong.data.dataset.MixSpec` whose datasets passed
     :func:`check_indexed`) for a stage of ``seq_length`` tokens and a model of ``vocab_size`` tokens, one line
     each: a weight that is not positive, a sequence length other than the stage's, a domain with no
     document or too few tokens for one sequence, a dataset tokenized with a larger vocabulary than the
-    model's or with another tokenizer than the stage's other domains."""
+    model's or with another tokenizer than the stage's other domains. ``datasets=False``: the mix file
+    only (its datasets do not exist yet)."""
     problems = []
     if spec.seq_length != seq_length:
         problems.append(f"the mix's seq_length is {spec.seq_length}, train.seq_length is {seq_length}")
@@ -128,6 +129,8 @@ def check_mix_data(spec, seq_length: int, vocab_size: int) -> list[str]:
         if not d.weight > 0:
             problems.append(f"domain {d.name}: weight {d.weight} must be > 0 (weights are normalized to sum to 1; "
                             f"leave a domain out of the mix instead of weighting it 0)")
+        if not datasets:
+            continue
         lengths = index_lengths(d.prefix)
         if len(lengths) == 0:
             problems.append(f"domain {d.name}: {d.prefix} holds no document")

@@ -1,6 +1,10 @@
 """Silence the start-up messages megatron-core and torch print on every rank that say nothing actionable
-here (missing TE/apex on CPU is expected, GPTModel's deprecation notice, CPU-irrelevant CUDA advice).
-Only these exact messages are filtered; every other warning still shows."""
+here (missing TE/apex on CPU is expected, CPU-irrelevant CUDA advice). Only these exact messages are
+filtered; every other warning still shows.
+
+megatron-core's deprecation notices for the APIs we build on (GPTModel, its own asynchronous checkpoint
+writer) stay visible, once per process: they are what tells us to migrate (README, "megatron-core
+deprecations")."""
 
 from __future__ import annotations
 
@@ -21,13 +25,22 @@ _MESSAGES = [
     r"The argument order of load has been changed",
     r"torch\.distributed is disabled, unavailable or uninitialized",
 ]
-_LOG_MESSAGES = ("GPTModel IS DEPRECATED", "full_param_layout not provided", "No CUDA runtime is found",
-                 "MCore's async save is deprecated")
+_LOG_MESSAGES = ("full_param_layout not provided", "No CUDA runtime is found")
+_DEPRECATIONS = ("GPTModel IS DEPRECATED", "MCore's async save is deprecated")  # shown once per process
 
 
 class _DropMessages(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
+        for notice in _DEPRECATIONS:
+            if notice in msg:
+                first = notice not in self.seen
+                self.seen.add(notice)
+                return first
         return not any(m in msg for m in _LOG_MESSAGES)
 
 

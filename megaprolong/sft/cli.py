@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from megaprolong.config import ConfigError, describe_keys, load_config, resolve_relative_paths
 from megaprolong.sft.config import PATH_KEYS, SFTConfig, gradient_accumulation
@@ -54,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         source = cfg.data.mds or cfg.data.path
         if not os.path.exists(source) and cfg.data.prepare != "tiny":
             raise ConfigError(f"data: {source} does not exist")
+        from megaprolong.sft.data import chat_files, is_saved_dataset
+
+        if cfg.data.path and os.path.isdir(cfg.data.path) and not is_saved_dataset(Path(cfg.data.path)):
+            from megaprolong.data.readers import DataError  # which split of a folder of several: decided now
+
+            try:
+                chat_files(cfg.data.path, cfg.data.split)
+            except DataError as e:
+                raise ConfigError(str(e)) from None
     except ConfigError as e:
         return _fatal(cfg.output_dir if cfg else None, str(e), record_fatal)
     if args.check:

@@ -13,6 +13,10 @@ from megaprolong.training.config import OptimizerConfig
 class SFTDataConfig:
     path: str | None = None  # chat data in the HF `messages` layout: jsonl / parquet / a folder / save_to_disk dir
     mds: str | None = None  # or ProLong's tokenized shards (prolong-ultrachat-64K: input_ids, indices, mask)
+    # of a folder holding several splits (HF's SPLIT-00000-of-00003 files, a folder per split, SPLIT.jsonl, a
+    # saved DatasetDict), the one to train on; unset: the only one, else train_sft (UltraChat's), else train;
+    # several other splits and none named: refused
+    split: str | None = None
     messages_key: str = "messages"
     strict: bool = False  # bad conversations: an error naming file:line instead of counted and skipped
     cache_dir: str | None = None  # packed data cache (default: OUTPUT_DIR/.sft_data)

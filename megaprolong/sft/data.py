@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections import Counter
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ class DataReport:
     sequences: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    split: str | None = None  # the split of a folder of several that was read
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps({**self.__dict__, "skipped": dict(self.skipped)}, indent=2))
@@ -51,32 +53,91 @@ class DataReport:
 
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
-        return (f"{self.conversations} conversations -> {self.sequences} packed sequences, {self.tokens:,} tokens "
+        split = f"split {self.split}: " if self.split else ""
+        return (f"{split}{self.conversations} conversations -> {self.sequences} packed sequences, {self.tokens:,} tokens "
                 f"({self.trained_tokens:,} trained); skipped: {skipped}; truncated: {self.truncated}")
 
 
-def _chat_files(path: Path) -> Iterator[tuple[str, dict | DataError]]:
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet", ".gz", ".zst")) \
-        if path.is_dir() else [path]
+CHAT_SUFFIXES = (".jsonl", ".json", ".parquet", ".gz", ".zst")
+# A split's name: HF's shard files (SPLIT-00000-of-00003-HASH.parquet), a folder per split, or SPLIT.jsonl
+_SHARD = re.compile(r"^(?P<split>[^-.]+)-\d{5}-of-\d{5}")
+_SPLIT_WORD = re.compile(r"^(train|test|validation|valid|val|dev|eval)([_-]\w+)?$")
+PREFERRED_SPLITS = ("train_sft", "train")  # UltraChat's SFT split, then the usual training split
+
+
+def split_of(file: Path, root: Path) -> str | None:
+    """The split a chat file of folder ``root`` belongs to (None: a plain part of the data)."""
+    shard = _SHARD.match(file.name)
+    rel = file.relative_to(root).parts
+    for name in (shard["split"] if shard else None, rel[0] if len(rel) > 1 else None, file.name.split(".")[0]):
+        if name and _SPLIT_WORD.match(name):
+            return name
+    return None
+
+
+def choose_split(splits: list[str], wanted: str | None, where: str) -> str | None:
+    """The split to train on among ``splits`` (``data.split`` if named, else the only one, else UltraChat's
+    train_sft or a plain train); a folder of several splits without one of those is refused."""
+    if wanted:
+        if wanted not in splits:
+            raise DataError(where, f"data.split={wanted!r}: no such split here (found: {', '.join(splits) or 'none'})")
+        return wanted
+    if len(splits) <= 1:
+        return splits[0] if splits else None
+    for name in PREFERRED_SPLITS:
+        if name in splits:
+            return name
+    raise DataError(where, f"holds several splits ({', '.join(splits)}): name the one to train on with data.split")
+
+
+def chat_files(path: str | Path, split: str | None = None) -> tuple[list[Path], str | None]:
+    """The chat files to read under ``path`` (a file, or a folder) and the split they are (None: no splits).
+    A folder holding several splits (UltraChat's data/ has train_sft, test_sft, train_gen, test_gen) gives
+    one split's files only: never test data by accident."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path], None
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in CHAT_SUFFIXES)
+    by_split: dict[str | None, list[Path]] = {}
     for f in files:
-        yield from read_records(f)
+        by_split.setdefault(split_of(f, path), []).append(f)
+    chosen = choose_split(sorted(s for s in by_split if s is not None), split, str(path))
+    if chosen is None:
+        return files, None
+    return by_split[chosen], chosen
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def _saved_dataset(path: Path, split: str | None):
+    """A folder written by ``datasets`` ``save_to_disk`` (one Dataset, or a DatasetDict of splits)."""
+    import datasets
+
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        name = choose_split(sorted(data), split, str(path))
+        return data[name], name
+    return data, None
 
 
 def read_conversations(path: str | Path, tokenizer: Any, messages_key: str = "messages", strict: bool = False,
-                       report: DataReport | None = None) -> Iterator[Conversation]:
+                       report: DataReport | None = None, split: str | None = None) -> Iterator[Conversation]:
     """Tokenized conversations from chat data in the HF ``messages`` layout: a jsonl/parquet file, a folder
-    of them, or a folder written by ``datasets.Dataset.save_to_disk``. Bad records are counted in
-    ``report.skipped`` by reason, or raise :class:`DataError` (file:line) with ``strict``."""
+    of them, or a folder written by ``datasets`` ``save_to_disk``; of a folder holding several splits, one
+    (:func:`chat_files`). Bad records are counted in ``report.skipped`` by reason, or raise
+    :class:`DataError` (file:line) with ``strict``."""
     path = Path(path)
     report = report if report is not None else DataReport()
     if not path.exists():
         raise DataError(str(path), "SFT data does not exist")
-    if path.is_dir() and (path / "dataset_info.json").exists():
-        import datasets
-
-        records: Iterator = ((f"{path}:row {i}", r) for i, r in enumerate(datasets.load_from_disk(str(path))))
+    if is_saved_dataset(path):
+        data, report.split = _saved_dataset(path, split)
+        records: Iterator = ((f"{path}:row {i}", r) for i, r in enumerate(data))
     else:
-        records = _chat_files(path)
+        files, report.split = chat_files(path, split)
+        records = (record for f in files for record in read_records(f))
     for where, record in records:
         try:
             if isinstance(record, DataError):
@@ -158,9 +219,10 @@ def _source_fingerprint(cfg: SFTConfig, tokenizer: Any) -> str:
     source = Path(cfg.data.mds or cfg.data.path)
     files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
     key = {"files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
-           "mds": bool(cfg.data.mds), "messages_key": cfg.data.messages_key, "seq_length": cfg.train.seq_length,
+           "split": cfg.data.split, "mds": bool(cfg.data.mds), "messages_key": cfg.data.messages_key,
+           "seq_length": cfg.train.seq_length,
            "seed": cfg.train.seed, "vocab": hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest(),
-           "template": tokenizer.chat_template, "version": 1}
+           "template": tokenizer.chat_template, "version": 2}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -178,7 +240,7 @@ def build_sft_dataset(cfg: SFTConfig, tokenizer: Any, cache_root: str | Path, pr
         return datasets.load_from_disk(str(final / "packed")), DataReport.load(final / "report.json")
     report = DataReport()
     source = read_mds_conversations(cfg.data.mds, report) if cfg.data.mds else read_conversations(
-        cfg.data.path, tokenizer, cfg.data.messages_key, cfg.data.strict, report)
+        cfg.data.path, tokenizer, cfg.data.messages_key, cfg.data.strict, report, cfg.data.split)
     ids, labels, lengths = [], [], []
     for conv in tqdm(source, desc="tokenizing conversations", unit=" conv", disable=not progress, mininterval=2):
         conv = truncate(conv, cfg.train.seq_length, report)

@@ -155,6 +155,22 @@ def newest_complete_checkpoint(folder: Path, say: Callable[[str], None]) -> Path
     return manifest.first_verified((steps[s] for s in sorted(steps, reverse=True)), _problems, say)
 
 
+def fsdp_wrap_classes(model_dir: str | Path) -> list[str]:
+    """The decoder-layer classes FSDP wraps one by one: the model's own ``_no_split_modules`` (a Llama's
+    ``LlamaDecoderLayer``, a Qwen3's ``Qwen3DecoderLayer``), read from its class without loading weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    return list(model_class._no_split_modules or [])
+
+
+def fsdp_settings(cfg: SFTConfig) -> dict:
+    """transformers' ``fsdp_config`` for the recipe's model (FSDP2, full shards, a full state dict on save)."""
+    return {"version": 2, "transformer_layer_cls_to_wrap": fsdp_wrap_classes(cfg.model), "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT"}
+
+
 def training_arguments(cfg: SFTConfig, world_size: int, cuda: bool) -> Any:
     """TRL's SFTConfig for the recipe: padding-free batches of our pre-packed rows."""
     import trl
@@ -183,8 +199,7 @@ def training_arguments(cfg: SFTConfig, world_size: int, cuda: bool) -> Any:
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         fsdp="full_shard auto_wrap" if fsdp else "",
-        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                     "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"} if fsdp else None,
+        fsdp_config=fsdp_settings(cfg) if fsdp else None,
         # Our rows are already tokenized, masked and packed: TRL only collates them (padding-free).
         dataset_kwargs={"skip_prepare_dataset": True},
         padding_free=True,
