@@ -31,8 +31,10 @@ setup(
         # The HF stages: SFT (TRL on transformers, FSDP2 via accelerate) and evaluation (plots).
         "sft": ["transformers>=5", "trl>=1.16", "accelerate", "datasets", "safetensors"],
         "eval": ["transformers>=5", "matplotlib"],
+        # monitoring: TensorBoard event files and W&B runs (logging.tensorboard_dir, logging.wandb_project)
+        "monitor": ["tensorboard", "wandb"],
         "dev": ["pytest", "pytest-timeout", "transformers>=5", "safetensors", "trl>=1.16", "accelerate", "datasets",
-                "matplotlib"],
+                "matplotlib", "tensorboard", "wandb"],
     },
     entry_points={
         "console_scripts": [

@@ -44,17 +44,36 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def smoothed(values: list[float | None], weight: float = 0.8) -> list[float | None]:
+    """An exponential moving average (TensorBoard's smoothing), bias-corrected at the start; gaps stay gaps."""
+    out, avg, n = [], 0.0, 0
+    for v in values:
+        if v is None:
+            out.append(None)
+            continue
+        avg, n = weight * avg + (1 - weight) * v, n + 1
+        out.append(avg / (1 - weight ** n))
+    return out
+
+
 def plot_losses(curves: dict[str, list[dict]], out: Path) -> Path:
-    """One panel per stage: loss against step."""
+    """One panel per stage: loss against tokens seen, raw (faint) and smoothed, and each domain's smoothed
+    loss (with a few sequences per step, which domains a step drew moves the raw loss: that is not
+    instability)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2))
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.4))
     for ax, (name, rows) in zip(axes, curves.items()):
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
-        ax.set(title=name, xlabel="step", ylabel="loss")
+        tokens = [r.get("tokens_seen", r.get("num_tokens", r["step"])) for r in rows]
+        line, = ax.plot(tokens, [r["loss"] for r in rows], alpha=0.25)
+        ax.plot(tokens, smoothed([r["loss"] for r in rows]), color=line.get_color(), label="all")
+        for domain in (rows[0].get("domain_loss") or {}) if rows else {}:
+            ax.plot(tokens, smoothed([r["domain_loss"].get(domain) for r in rows]), linewidth=1, label=domain)
+        ax.set(title=name, xlabel="tokens", ylabel="loss (smoothed)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -96,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         out = work / stage
         metrics = out / "metrics.jsonl"
         metrics.unlink(missing_ok=True)
-        overrides = [f"data.root={work / 'data'}", f"checkpoint.dir={out / 'ckpt'}", "checkpoint.resume=none",
-                     f"logging.metrics_file={metrics}"]
+        overrides = [f"data.root={work / 'data'}", f"run.dir={out}", "checkpoint.resume=none"]
         if stage == "tiny_stage1":
             overrides.append(f"train.steps={args.steps}")
         else:

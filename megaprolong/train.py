@@ -7,7 +7,7 @@ import os
 import sys
 
 from megaprolong.config import ConfigError, describe_keys, load_config, resolve_relative_paths
-from megaprolong.training.config import Config, validate
+from megaprolong.training.config import Config, apply_run_dir, validate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,25 +29,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 PATH_KEYS = ["data.mix", "data.root", "data.prefix", "data.cache_dir", "checkpoint.dir", "checkpoint.load",
-             "logging.metrics_file"]
+             "logging.metrics_file", "logging.tensorboard_dir", "eval.data", "eval.root", "run.dir"]
+
+
+def _mix_or_prefix(path: str | None, root: str | None, seq_length: int):
+    """A mix YAML, or one indexed dataset PREFIX as a one-domain mix."""
+    from megaprolong.data.dataset import DomainSpec, MixSpec, load_mix
+
+    if path is None:
+        return None
+    if path.endswith((".yaml", ".yml")):
+        return load_mix(path, root)
+    return MixSpec(seq_length=seq_length, domains=[DomainSpec(name=os.path.basename(path), prefix=path, weight=1.0)])
 
 
 def file_problems(cfg: Config) -> list[str]:
     """Every path of the recipe checked (datasets' .idx/.bin pairs, checkpoints to load, folders to write):
     one line per problem. Runs before any process group, so a bad path fails at once on every rank."""
     from megaprolong.data.check import check_checkpoint_path, check_indexed, check_mix_data, check_writable_dir
-    from megaprolong.data.dataset import DomainSpec, MixSpec, load_mix
     from megaprolong.training.checkpoint_dir import resume_problems
 
     problems, spec = [], None
-    if cfg.data.mix:
-        if not os.path.isfile(cfg.data.mix):
-            problems.append(f"data.mix={cfg.data.mix}: not found")
+    if cfg.data.mix and not os.path.isfile(cfg.data.mix):
+        problems.append(f"data.mix={cfg.data.mix}: not found")
+    else:
+        spec = _mix_or_prefix(cfg.data.mix or cfg.data.prefix, cfg.data.root, cfg.train.seq_length)
+    if cfg.eval.interval and cfg.eval.data:
+        if cfg.eval.data.endswith((".yaml", ".yml")) and not os.path.isfile(cfg.eval.data):
+            problems.append(f"eval.data={cfg.eval.data}: not found")
         else:
-            spec = load_mix(cfg.data.mix, cfg.data.root)
-    elif cfg.data.prefix:
-        spec = MixSpec(seq_length=cfg.train.seq_length,
-                       domains=[DomainSpec(name=os.path.basename(cfg.data.prefix), prefix=cfg.data.prefix, weight=1.0)])
+            held = _mix_or_prefix(cfg.eval.data, cfg.eval.root, cfg.train.seq_length)
+            unreadable = [line for d in held.domains for line in check_indexed(d.prefix)]
+            problems += [f"eval.data: {line}" for line in unreadable or
+                         check_mix_data(held, cfg.train.seq_length, cfg.model.vocab_size)]
     if spec is not None and cfg.data.prepare == "tiny":  # the tiny recipes build their data on first use
         problems += check_mix_data(spec, cfg.train.seq_length, cfg.model.vocab_size, datasets=False)
     elif spec is not None:
@@ -79,6 +93,16 @@ def folder_problem(cfg: Config) -> str | None:
     return run_lock.check(cfg.checkpoint.dir)
 
 
+def build_heldout(cfg: Config):
+    """The held-out sequences (``eval.data``): the first ``eval.sequences`` packed sequences of each domain,
+    at the stage's length, the same at every evaluation; and the domains' names."""
+    from megaprolong.data.dataset import heldout_samples
+
+    spec = _mix_or_prefix(cfg.eval.data, cfg.eval.root, cfg.train.seq_length)
+    cache = cfg.data.cache_dir or os.path.join(os.path.dirname(spec.domains[0].prefix), ".megaprolong_cache")
+    return heldout_samples(spec, cfg.eval.sequences, cache), [d.name for d in spec.domains]
+
+
 def build_dataset(cfg: Config):
     """The run's data: a mix of domains, or one dataset of short documents."""
     from megaprolong.data.dataset import MixDataset, load_mix, single_domain
@@ -108,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(Config, args.config, args.overrides)
         resolve_relative_paths(cfg, args.config, PATH_KEYS)
+        apply_run_dir(cfg)
     except ConfigError as e:
         return _fatal(None, str(e))
     from megaprolong.runtime.attempts import FATAL_EXIT, REPEATED_EXIT, FatalError, RepeatedFailure, fatal_error
@@ -137,15 +162,20 @@ def main(argv: list[str] | None = None) -> int:
         print("megaprolong-train: start-up checks passed")
         return 0
     # Imported late: --help and config errors should not pay megatron-core's import time.
-    from megaprolong.training.trainer import run
+    from megaprolong.runtime.log import get_logger
+    from megaprolong.training.trainer import NonFiniteLoss, run
 
     try:
-        run(cfg, lambda: build_dataset(cfg), stop=stop)
+        run(cfg, lambda: build_dataset(cfg), stop=stop, make_heldout=lambda: build_heldout(cfg),
+            log=get_logger("train").info)
     except (ConfigError, FatalError) as e:
         return _fatal(ck, str(e))
     except RepeatedFailure as e:
         print(f"megaprolong-train: {e}", file=sys.stderr)
         return REPEATED_EXIT
+    except NonFiniteLoss as e:  # recorded as this step's failure: a restart retries it once, then the run stops
+        print(f"megaprolong-train: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,7 +13,8 @@
 #                  workers do (default 480: before Slurm's kill at the limit, with --signal=B:USR1@600)
 #   TERM_GRACE     the same after SIGTERM (preemption), and torchrun's --shutdown-timeout (default 120;
 #                  keep it below the site's GraceTime / KillWait)
-#   PROGRESS_DIR   the run's folder for its records (the checkpoint dir; set by the stage scripts)
+#   PROGRESS_DIR   where the run keeps its records (the checkpoint dir; set by the stage scripts)
+#   RUN_DIR        the run's folder (logs/ there: NCCL's flight records); default PROGRESS_DIR
 #
 # What a job survives on its own:
 #   - time limit: Slurm's USR1 warning (--signal=B:USR1@600) -> STOP flag + USR1 to the workers, which
@@ -62,9 +63,10 @@ run_torchrun() {
     # NCCL's flight recorder: the last collectives of every rank, written to logs/ when one times out (the
     # TORCH_FR_* names are torch >= 2.7's; older torch reads TORCH_NCCL_TRACE_BUFFER_SIZE and
     # TORCH_NCCL_DEBUG_INFO_TEMP_FILE: export those instead)
-    mkdir -p "$PROGRESS_DIR/logs"
+    local logs=${RUN_DIR:-$PROGRESS_DIR}/logs
+    mkdir -p "$logs"
     export TORCH_FR_BUFFER_SIZE=${TORCH_FR_BUFFER_SIZE:-2000} TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
-    export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$PROGRESS_DIR/logs/nccl_trace_job${job}_rank}
+    export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$logs/nccl_trace_job${job}_rank}
   fi
 
   # 1. Start-up checks, once, here: bad input fails in seconds, is never retried, and is the last line.

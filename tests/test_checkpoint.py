@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 
 from launch import torchrun
 from test_lr_schedule import prolong_lr
@@ -98,16 +99,35 @@ def uninterrupted(data, tmp_path_factory):
 
 
 @pytest.mark.multirank
-def test_kill_9_then_resume_equals_uninterrupted(data, tmp_path, uninterrupted):
+def test_kill_9_then_resume_equals_uninterrupted(data, tmp_path, uninterrupted, monkeypatch):
+    """kill -9 after the step-2 checkpoint, once step 3 was logged: the rerun resumes at step 2 and matches
+    the uninterrupted run; metrics.jsonl, TensorBoard and W&B (offline) each have every step once, W&B in
+    the same run."""
     _, want = uninterrupted
-    args = train_args(data, tmp_path / "ckpt", tmp_path / "m.jsonl", "checkpoint.interval=2")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    args = train_args(data, tmp_path / "ckpt", tmp_path / "m.jsonl", "checkpoint.interval=2", f"run.dir={run_dir}",
+                      "logging.wandb_project=megaprolong-test")
     proc = launch(args)
-    wait_for(lambda: (tmp_path / "ckpt" / "step_00000002" / "megaprolong.json").exists(), proc)
+    wait_for(lambda: (tmp_path / "ckpt" / "step_00000002" / "megaprolong.json").exists() and
+             len((tmp_path / "m.jsonl").read_text().splitlines()) >= 3, proc)
     kill_tree(proc)  # torchrun and both ranks, mid-run
-
+    first_id = (run_dir / "wandb_run_id").read_text().strip()
     out = torchrun("megaprolong.train", 2, *args)
-    assert "resumed from" in out
+    assert f"resumed from {tmp_path / 'ckpt' / 'step_00000002'} at step 2" in out
     torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want, rtol=1e-6, atol=0)
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step once, in order
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, STEPS + 1))
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(want, rel=1e-6)
+    assert (run_dir / "wandb_run_id").read_text().strip() == first_id
+    runs = sorted((run_dir / "wandb").glob(f"offline-run-*-{first_id}"))
+    assert len(runs) == 2  # the killed run and its continuation, one W&B run id
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["checkpoint"]["interval"] == 2
     # the schedule continues where it stopped: step s used ProLong's LR for step s - 1 (tiny recipe: peak 3e-3)
     assert logged(tmp_path / "m.jsonl", "lr") == pytest.approx([prolong_lr(s, STEPS, 3e-3) for s in range(STEPS)])
     # checkpoint.optimizer_format=auto: periodic saves rank-local, the stage's last one portable
@@ -382,3 +402,23 @@ def test_a_hung_worker_is_found_by_the_watchdog_and_the_run_restarts(data, tmp_p
 @pytest.mark.multirank
 def test_the_applied_learning_rate_is_prolongs_at_every_step(data):
     assert "APPLIED_LR_OK" in torchrun("applied_lr.py", 1, str(data))
+
+
+@pytest.mark.multirank
+def test_a_nan_loss_stops_the_run_naming_the_step_and_domain(data, tmp_path):
+    """The web domain's loss turns NaN at step 3: the run stops there naming step 3 and the domain, applies
+    no update and saves nothing after step 2; with train.skip_nonfinite_steps=1 the step is skipped (no
+    update, logged as null), and the run finishes."""
+    out = torchrun("nonfinite.py", 1, str(data), str(tmp_path / "stop"), "0")
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped["error"].startswith("step 3: loss nan (domains: web nan)") and "after step 2" in stopped["error"]
+    assert [r["step"] for r in stopped["rows"]] == [1, 2] and stopped["changed"] is False
+    assert sorted(p.name for p in (tmp_path / "stop" / "ckpt").glob("step_*")) == ["step_00000002"]
+    out = torchrun("nonfinite.py", 1, str(data), str(tmp_path / "skip"), "1")
+    skipped = json.loads(out.strip().splitlines()[-1])
+    assert skipped["error"] is None and skipped["changed"] is False
+    assert [r["step"] for r in skipped["rows"]] == list(range(1, 7))
+    row = skipped["rows"][2]
+    assert row["skipped"] is True and row["loss"] is None and row["domain_loss"]["web"] is None
+    assert row["domain_loss"]["books"] is not None  # the other domains' losses are still told
+    assert any("step 3: loss nan (domains: web nan): skipped, no update" in line for line in skipped["lines"])

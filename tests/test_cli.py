@@ -62,12 +62,23 @@ def test_tiny_recipe_trains_with_tp2(tmp_path, tiny_corpus, tiny_tokenizer):
     preprocess(PreprocessConfig(inputs=[str(src)], tokenizer=str(tiny_tokenizer),
                                 output_prefix=str(tmp_path / "d"), quiet=True))
     metrics = tmp_path / "m.jsonl"
-    torchrun("megaprolong.train", 2, "--config", str(REPO / "examples/tiny_stage1.yaml"),
-             "data.mix=", "data.prepare=", f"data.prefix={tmp_path / 'd'}", "train.steps=12",
-             f"checkpoint.dir={tmp_path / 'ckpt'}", f"logging.metrics_file={metrics}")
+    out = torchrun("megaprolong.train", 2, "--config", str(REPO / "examples/tiny_stage1.yaml"),
+                   "data.mix=", "data.prepare=", f"data.prefix={tmp_path / 'd'}", "train.steps=12",
+                   f"checkpoint.dir={tmp_path / 'ckpt'}", f"logging.metrics_file={metrics}")
+    # the step line: time stamp, tool and rank, ms/step, tokens so far, tokens/s, TFLOPS, peak memory, ETA
+    import re
+
+    line = next(l for l in out.splitlines() if "step     4/12" in l)
+    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[train r0\] step     4/12 \| loss \d+\.\d{4} \| grad norm "
+                    r"[\d.]+ \| lr [\d.e+-]+ \| [\d,]+ ms \| 4\.1K tokens \| [\d,]+ tok/s \| [\d.]+ TFLOPS/GPU \| "
+                    r"mem \d+\.\d\d GiB \| data [\d.]+ s \| ETA \d+m\d\ds$", line), line
+    assert "MFU" not in line  # no known peak on a CPU
+    assert not [l for l in out.splitlines() if "[train r1]" in l]  # one rank speaks
     rows = [json.loads(l) for l in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
-    assert all({"loss", "grad_norm", "lr", "tokens_per_s", "tflops_per_gpu", "domain_loss"} <= r.keys() for r in rows)
+    assert all({"loss", "grad_norm", "lr", "tokens_per_s", "tflops_per_gpu", "domain_loss", "tokens_seen",
+                "peak_memory_bytes", "step_time_s"} <= r.keys() for r in rows)
+    assert [r["tokens_seen"] for r in rows] == [1024 * s for s in range(1, 13)]  # 8 sequences x 128 tokens per step
     assert (tmp_path / "ckpt" / "step_00000012" / "megaprolong.json").exists()
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, "tiny model must learn the synthetic corpus"
 
@@ -146,3 +157,19 @@ def test_no_top_level_tools_package_is_installed(tmp_path):
         out = subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), "--help"], capture_output=True,
                              text=True, cwd=tmp_path, timeout=60)
         assert out.returncode == 0 and "usage:" in out.stdout, (name, out.stderr[-500:])
+
+
+def test_mfu_where_the_peak_is_known():
+    from types import SimpleNamespace
+
+    from megaprolong.training.flops import peak_tflops
+    from megaprolong.training.metrics import step_line
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4 and peak_tflops("NVIDIA GH200 480GB", "bf16") == 989.4
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "fp32") is None and peak_tflops(None, "bf16") is None
+    m = SimpleNamespace(step=10, loss=2.0, grad_norm=0.5, lr=1e-5, step_time_s=5.0, tokens_per_s=800_000.0,
+                        tflops_per_gpu=395.76, peak_memory_bytes=60 * 2**30, data_time_s=0.001, eval_loss=1.9)
+    line = step_line(m, 5000, 41_943_040, 989.4, 3600 * 7.2)
+    assert "| MFU 40.0% |" in line and "| mem 60.00 GiB |" in line and "41.9M tokens" in line
+    assert line.endswith("| held-out loss 1.9000 | ETA 7h12m")

@@ -69,8 +69,22 @@ def test_long_documents_match_single_rank(long_reference, layout):
     assert_matches(torch.load(d / f"{layout}.pt"), ref, torch.load(d / "init.pt"))
 
 
+def test_heldout_loss_equals_cross_entropy_by_hand(reference, long_reference):
+    """The held-out loss (forward only, per domain) of the 1-rank run equals the cross-entropy of its logits
+    computed by hand, on 32- and 4,096-token sequences."""
+    for _, ref in (reference, long_reference):
+        (loss, tokens, per_domain), (want, want_tokens, want_per_domain) = ref["heldout"], ref["heldout_by_hand"]
+        assert tokens == want_tokens and tokens > 0
+        assert loss == pytest.approx(want, rel=1e-5)  # fp32 logits; ours in fp32, this one in float64
+        assert per_domain == pytest.approx(want_per_domain, rel=1e-5)
+        assert abs(per_domain[0] - per_domain[1]) > 1e-3  # the domains really are told apart (errors are ~1e-5)
+
+
 def assert_matches(got: dict, ref: dict, init: dict) -> None:
-    """Same losses, grad norms, step-1 gradients and final parameters as the 1-rank run."""
+    """Same losses, grad norms, step-1 gradients, final parameters and held-out loss as the 1-rank run."""
+    assert got["heldout"][1] == ref["heldout"][1]
+    torch.testing.assert_close(got["heldout"][0], ref["heldout"][0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["heldout"][2], ref["heldout"][2], rtol=1e-5, atol=0)
     torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=0)
     torch.testing.assert_close(got["grad_norm"], ref["grad_norm"], rtol=1e-5, atol=0)
     assert got["grads"].keys() == ref["grads"].keys()

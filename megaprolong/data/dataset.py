@@ -169,3 +169,16 @@ def load_mix(path: str, data_root: str | None = None) -> MixSpec:
         if not os.path.isabs(d.prefix):
             d.prefix = str(root / d.prefix)
     return spec
+
+
+HELDOUT_SEED = 0  # the held-out sequences do not change with train.seed
+
+
+def heldout_samples(spec: MixSpec, per_domain: int, cache_dir: str | None = None) -> list[Sample]:
+    """The first ``per_domain`` packed sequences of each domain of ``spec`` (fewer if a domain has fewer),
+    their ``domain`` the domain's index in ``spec``: fixed held-out sequences at the stage's length."""
+    samples = []
+    for i, d in enumerate(spec.domains):
+        domain = DomainData(d, i, spec.seq_length, HELDOUT_SEED, cache_dir)
+        samples += [domain.sample(k) for k in range(min(per_domain, domain.sequences_per_epoch))]
+    return samples

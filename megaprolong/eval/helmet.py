@@ -14,7 +14,9 @@ refused, and a dataset without output is an error that shows HELMET's log lines 
 Scores as HELMET reports them: a dataset is matched to its metrics by the first key of
 :data:`DATASET_METRICS` that is a substring of its name (``kilt_nq`` -> ``nq``, ``icl_trec_coarse_400shot_balance``
 -> ``trec_coarse``); each (dataset, metric) is a column; a category's average is the mean of its columns
-(:data:`CATEGORY_COLUMNS`), and the overall figure is the mean of the category averages.
+(:data:`CATEGORY_COLUMNS`), and the overall figure is the mean of the category averages. These tables equal
+``collect_results.py``'s ``dataset_to_metrics`` and ``custom_avgs`` at HELMET commit
+4526dfbdc512bd9ff721da336bff4e3e75ecfd27 (2025-04-09).
 """
 
 from __future__ import annotations

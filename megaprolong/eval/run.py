@@ -111,9 +111,20 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def length_label(n: float) -> str:
+    """A context length as papers write it: 8K, 128K, 1M (512 and other odd lengths as they are)."""
+    n = int(n)
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n >> 10}K"
+    return f"{n:,}"
+
+
 def _line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str,
-               ylim: tuple | None = None) -> Path:
-    """One PNG of labelled lines over a log2 x axis."""
+               ylim: tuple | None = None, length_ticks: bool = False) -> Path:
+    """One PNG of labelled lines over a log2 x axis; ``length_ticks``: one tick per plotted length, labelled
+    8K, 16K, ... instead of powers of two."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,6 +135,10 @@ def _line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, yl
         ax.plot(xs, ys, marker="o", label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=ylim)
     ax.set_xscale("log", base=2)
+    if length_ticks:
+        ticks = sorted({x for xs, _ in series.values() for x in xs})
+        ax.set_xticks(ticks, [length_label(x) for x in ticks])
+        ax.minorticks_off()
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -140,9 +155,9 @@ def _plots(results: dict, out: Path) -> list[Path]:
             xs = sorted(int(n) for n in by_len)
             series[task] = (xs, [by_len[str(n)] for n in xs])
         written.append(_line_plot(out / "scores.png", series, "context length (tokens)", "score",
-                                  "score vs length", ylim=(-5, 105)))
+                                  "score vs length", ylim=(-5, 105), length_ticks=True))
     if results["ppl"]:
-        series = {f"{int(n):,} tokens": ([(b["start"] + b["end"]) / 2 for b in r["buckets"]],
+        series = {f"{length_label(n)} tokens": ([(b["start"] + b["end"]) / 2 for b in r["buckets"]],
                                          [b["loss"] for b in r["buckets"]])
                   for n, r in sorted(results["ppl"].items(), key=lambda x: int(x[0]))}
         written.append(_line_plot(out / "ppl.png", series, "token position", "loss (nats)", "loss vs position"))

@@ -61,6 +61,15 @@ def init_process_group_per_attempt(backend: str, rank: int, world: int, timeout:
                             rank=rank, world_size=world, timeout=timeout)
 
 
+def peak_memory_bytes() -> int:
+    """This process's peak memory so far: CUDA's max allocated on a GPU, else the peak resident set."""
+    if has_cuda():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def set_collective_timeout(minutes: float) -> None:
     """The timeout of every process group this process belongs to (the default one and megatron's), from
     now on: a collective waiting longer fails (NCCL dumps its flight record first when asked to)."""

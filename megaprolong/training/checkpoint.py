@@ -186,6 +186,7 @@ def save(trainer, root: str | Path, keep: int | None = None, queue=None, portabl
     finalizes it (``queue.maybe_finalize_async_calls``, collective), so an unfinished one is never picked."""
     checkpoint_results_queue_dies_with_worker()
     async_writer_hashes_what_it_writes()
+    trainer.sync_params()  # weights a rank does not own are current (overlapped parameter gathers)
     root = Path(root)
     final = root / f"step_{trainer.step:08d}"
     tmp = root / f"step_{trainer.step:08d}.tmp"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from megaprolong.config import ConfigError
@@ -22,6 +23,12 @@ class ParallelConfig:
     # with p2p, the ring, only). The torch backend always all-gathers K/V over the CP group.
     cp_comm_type: str = "p2p"
     distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
+    # overlap the gradient reduce-scatter / all-reduce with the backward pass (bucket by bucket; exact: the
+    # same sums, started earlier)
+    overlap_grad_reduce: bool = True
+    # with the distributed optimizer: overlap the parameter all-gather after each update with the next
+    # forward (DDP's forward pre-hooks wait for each bucket; exact: the same values, gathered later)
+    overlap_param_gather: bool = True
 
     def dp(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp * self.cp)
@@ -37,6 +44,9 @@ class TrainConfig:
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16: bf16 weights and compute, fp32 master weights and grads
     recompute: Literal["none", "full", "selective"] = "full"  # activation recomputation: full (every layer), selective (attention), none
     loss_chunk_tokens: int = 0  # > 0: LM head + cross-entropy this many local tokens at a time (bounds logits memory)
+    # steps in a row whose loss or gradients are not finite that are skipped (no update; their batch is
+    # consumed) before the run stops naming the step and domains; 0: stop at the first
+    skip_nonfinite_steps: int = 0
     dist_timeout_minutes: int = 30  # collective timeout during start-up and the first steps (long CP all-gathers at 512K need minutes)
     # once steps are steady (after watchdog.warmup_steps) the collective timeout drops to this; 0 keeps
     # dist_timeout_minutes. The step watchdog usually ends a hang first, with every thread's stack printed
@@ -86,6 +96,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out loss during training: the exact token-averaged loss, per domain, on fixed sequences."""
+
+    interval: int = 0  # every N steps (and after the last); 0: never
+    data: str | None = None  # a mix YAML of held-out indexed datasets (domains as in data.mix; weights unused), or one PREFIX
+    root: str | None = None  # where eval.data's relative prefixes live (default: the mix file's folder)
+    sequences: int = 4  # held-out sequences per domain: the first ones packed (the same at every evaluation)
+
+
+@dataclass
+class RunConfig:
+    # one folder for the whole run: ckpt/ (checkpoint.dir), metrics.jsonl (logging.metrics_file), tb/
+    # (logging.tensorboard_dir, written when tensorboard is installed), config.yaml (the resolved config,
+    # written at start) and logs/; a key set explicitly overrides its part
+    dir: str | None = None
+
+
+@dataclass
 class LoggingConfig:
     metrics_file: str | None = None  # JSONL, one object per step
     tensorboard_dir: str | None = None  # written when tensorboard is installed
@@ -102,6 +130,22 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def apply_run_dir(cfg: Config) -> None:
+    """Fill the paths ``run.dir`` provides and no key sets: checkpoints, metrics, TensorBoard."""
+    if not cfg.run.dir:
+        return
+    root = Path(cfg.run.dir)
+    cfg.checkpoint.dir = cfg.checkpoint.dir or str(root / "ckpt")
+    cfg.logging.metrics_file = cfg.logging.metrics_file or str(root / "metrics.jsonl")
+    if cfg.logging.tensorboard_dir is None:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is not None:  # the default only where it can be written
+            cfg.logging.tensorboard_dir = str(root / "tb")
 
 
 def validate(cfg: Config, world_size: int) -> None:
@@ -160,6 +204,10 @@ def validate(cfg: Config, world_size: int) -> None:
         problems.append(f"parallel.cp_comm_type={p.cp_comm_type!r} with model.attention_backend=te: TransformerEngine "
                         f"supports packed (THD) sequences under context parallelism only with p2p (its a2a and "
                         f"all_gather THD paths are refused or untested in TE itself); set parallel.cp_comm_type=p2p")
+    if cfg.eval.interval < 0 or (cfg.eval.interval and not cfg.eval.data):
+        problems.append(f"eval.interval={cfg.eval.interval} needs eval.data (held-out indexed datasets)")
+    if t.skip_nonfinite_steps < 0:
+        problems.append(f"train.skip_nonfinite_steps={t.skip_nonfinite_steps} must be >= 0")
     if t.loss_chunk_tokens < 0:
         problems.append(f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0: no chunking)")
     if problems:

@@ -27,3 +27,19 @@ def forward_flops(model: ModelConfig, doc_lengths: np.ndarray) -> float:
 
 def train_step_flops(model: ModelConfig, samples_doc_lengths: list[np.ndarray]) -> float:
     return 3.0 * sum(forward_flops(model, lengths) for lengths in samples_doc_lengths)
+
+
+# Dense bf16 tensor-core peaks (TFLOPS per GPU, no sparsity), from the vendors' data sheets: what MFU is
+# measured against. Matched on torch.cuda.get_device_name(); a GPU not listed gets no MFU.
+BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "GH200": 989.4, "B200": 2250.0, "B100": 1750.0,
+                    "A100": 312.0, "A800": 312.0, "L40S": 362.1, "A10G": 70.0}
+
+
+def peak_tflops(device_name: str | None, precision: str) -> float | None:
+    """The GPU's dense peak for the run's precision, when known (bf16 only: fp32 runs get no MFU)."""
+    if not device_name or precision != "bf16":
+        return None
+    for key in sorted(BF16_PEAK_TFLOPS, key=len, reverse=True):  # GH200 before H200
+        if key in device_name:
+            return BF16_PEAK_TFLOPS[key]
+    return None

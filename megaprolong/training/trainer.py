@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -38,13 +39,14 @@ from megaprolong.model.context_parallel import concat_packed, split_for_context_
 from megaprolong.model.llama import attention_backend, build_model, transformer_config
 from megaprolong.model.state import unwrap_model
 from megaprolong.runtime.attempts import start_attempt
-from megaprolong.runtime.device import device, init_distributed, local_rank_zero_first, set_collective_timeout
+from megaprolong.runtime.device import (device, init_distributed, local_rank_zero_first, peak_memory_bytes,
+                                       set_collective_timeout)
 from megaprolong.runtime.preemption import StopRequest, remove_stale_stop_flag
 from megaprolong.runtime.run_lock import RunLock
 from megaprolong.runtime.watchdog import StepWatchdog
 from megaprolong.training import checkpoint
 from megaprolong.training.config import Config, validate
-from megaprolong.training.flops import train_step_flops
+from megaprolong.training.flops import peak_tflops, train_step_flops
 from megaprolong.training.metrics import MetricsLogger
 
 
@@ -59,6 +61,10 @@ class StepMetrics:
     domain_loss: list[float] = field(default_factory=list)  # token-averaged, per domain of the mix
     tflops_per_gpu: float = 0.0  # model FLOPs, attention counted per document
     data_time_s: float = 0.0  # waiting for this step's global batch (read in the background meanwhile)
+    peak_memory_bytes: int = 0  # this rank's peak so far: CUDA max allocated, or peak RSS on the CPU
+    skipped: bool = False  # the loss or a gradient was not finite: no update was applied
+    eval_loss: float | None = None  # token-averaged loss on the held-out sequences (eval.interval steps)
+    eval_domain_loss: list[float] = field(default_factory=list)  # the same per held-out domain
 
     @property
     def tokens_per_s(self) -> float:
@@ -99,6 +105,10 @@ def lr_scheduler(optimizer, o, steps: int) -> OptimizerParamScheduler:
         wd_incr_steps=steps,
         wd_incr_style="constant",
     )
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradients were not finite for more steps in a row than ``train.skip_nonfinite_steps``."""
 
 
 class Trainer:
@@ -177,14 +187,35 @@ class Trainer:
                 model = Float16Module(self.tf_config, model)
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
-                overlap_grad_reduce=False,
+                overlap_grad_reduce=p.overlap_grad_reduce,
+                overlap_param_gather=p.overlap_param_gather and p.distributed_optimizer,
                 use_distributed_optimizer=p.distributed_optimizer,
                 average_in_collective=False,  # the per-token loss scales by the global token count
             )
             chunks.append(DistributedDataParallel(config=self.tf_config, ddp_config=ddp_config, module=model))
         for chunk in chunks:
             chunk.broadcast_params()  # data-parallel replicas start from identical weights
+        self._overlap_hooks(chunks)
         return chunks
+
+    def _overlap_hooks(self, chunks) -> None:
+        """With overlapped gradient reduction, megatron's schedule must hold each bucket's reduction until the
+        last micro-batch (``no_sync``) and, under pipelining, start it per chunk as its backward ends; with
+        overlapped parameter all-gathers, the gathers of the next forward are waited on by DDP's forward
+        pre-hooks (``sync_params`` completes them where no forward follows: saves, evaluation, the end)."""
+        one = len(chunks) == 1
+        if self.cfg.parallel.overlap_grad_reduce:
+            self.tf_config.no_sync_func = chunks[0].no_sync if one else [c.no_sync for c in chunks]
+            if self.cfg.parallel.pp > 1:
+                self.tf_config.grad_sync_func = chunks[0].start_grad_sync if one else [c.start_grad_sync for c in chunks]
+
+    def sync_params(self) -> None:
+        """Every rank's model weights current (collective). With overlapped parameter gathers the last update
+        reaches the weights a rank does not own only in the next forward: force it now."""
+        for chunk in self.model:
+            if chunk.ddp_config.overlap_param_gather:
+                chunk.disable_forward_pre_hook(param_sync=True)
+                chunk.enable_forward_pre_hook()
 
     def _build_optimizer(self):
         o, t = self.cfg.optimizer, self.cfg.train
@@ -221,21 +252,20 @@ class Trainer:
         mine = global_batch[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
         cp_rank = ps.get_context_parallel_rank()
         total_multiple = (2 * p.cp if p.cp > 1 else 1) * (p.tp if p.sequence_parallel else 1)
-        dev = device()
         # our attention takes RoPE's per-token frequencies with the batch; TE's applies megatron's own RoPE
         rotary = unwrap_model(self.model[0]).rotary_pos_emb if self.attention["attention_backend"] == "torch" else None
-        batches = []
-        for i in range(0, per_rank, mbs):
-            local = concat_packed([split_for_context_parallel(s, p.cp, cp_rank, total_multiple)
-                                   for s in mine[i:i + mbs]])
-            as_row = lambda a: torch.from_numpy(a).unsqueeze(0).to(dev)  # noqa: E731  [1, T/cp]
-            batches.append({
-                "tokens": as_row(local.tokens), "labels": as_row(local.labels),
-                "loss_mask": as_row(local.loss_mask), "domains": as_row(local.domains),
-                "position_ids": as_row(local.position_ids),
-                "packed_seq_params": packed_batch(local, dev, p.cp, cp_rank, rotary),
-            })
-        return batches
+        return [self._device_batch(concat_packed([split_for_context_parallel(s, p.cp, cp_rank, total_multiple)
+                                                  for s in mine[i:i + mbs]]), rotary)
+                for i in range(0, per_rank, mbs)]
+
+    def _device_batch(self, local, rotary) -> dict:
+        """One rank's packed micro-batch on the device: ``[1, T/cp]`` rows and the attention layout."""
+        dev = device()
+        as_row = lambda a: torch.from_numpy(a).unsqueeze(0).to(dev)  # noqa: E731
+        return {"tokens": as_row(local.tokens), "labels": as_row(local.labels), "loss_mask": as_row(local.loss_mask),
+                "domains": as_row(local.domains), "position_ids": as_row(local.position_ids),
+                "packed_seq_params": packed_batch(local, dev, self.cfg.parallel.cp, ps.get_context_parallel_rank(),
+                                                  rotary)}
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -269,15 +299,54 @@ class Trainer:
         return (float(grad_norm) if grad_norm is not None else math.nan), lr
 
     def train_step(self, global_batch: list[Sample], data_time_s: float = 0.0) -> StepMetrics:
-        """One optimizer step; ``data_time_s`` (the wait for ``global_batch``) counts in the step's time."""
+        """One optimizer step; ``data_time_s`` (the wait for ``global_batch``) counts in the step's time.
+        A step whose loss or gradients are not finite applies no update (``skipped``); its batch is consumed
+        and the LR schedule advances, so that the data and schedule stay where a resume puts them."""
         start = time.perf_counter()
         reports = self.forward_backward(global_batch)
-        grad_norm, lr = self.optimizer_step()
         loss, tokens, per_domain = self.global_loss(reports)
+        skipped = not (math.isfinite(loss) and self._grads_finite())
+        if skipped:
+            lr = self.optimizer.param_groups[0]["lr"]
+            grad_norm = math.nan
+            self.scheduler.step(increment=1)
+            self.step += 1
+        else:
+            grad_norm, lr = self.optimizer_step()
         elapsed = time.perf_counter() - start + data_time_s
         flops = train_step_flops(self.cfg.model, [np.diff(s.cu_seqlens) for s in global_batch])
         return StepMetrics(self.step, loss, grad_norm, lr, tokens, elapsed, per_domain,
-                           flops / elapsed / dist.get_world_size() / 1e12, data_time_s)
+                           flops / elapsed / dist.get_world_size() / 1e12, data_time_s, peak_memory_bytes(), skipped)
+
+    def _grads_finite(self) -> bool:
+        """Whether every gradient of every rank is finite (collective; one pass over the grad buffers)."""
+        finite = all(bool(torch.isfinite(buffer.grad_data).all()) for chunk in self.model
+                     for buffer in chunk.buffers + chunk.expert_parallel_buffers)
+        flag = torch.tensor([1.0 if finite else 0.0], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def evaluate(self, samples: list[Sample], num_domains: int) -> tuple[float, int, list[float]]:
+        """The exact token-averaged loss of ``samples`` (every rank passes all of them), overall and per
+        domain, forward only: each data-parallel rank takes every dp-th sample, one per micro-batch."""
+        self.sync_params()
+        mine = samples[self.dp_rank::self.dp_size]
+        p = self.cfg.parallel
+        total_multiple = (2 * p.cp if p.cp > 1 else 1) * (p.tp if p.sequence_parallel else 1)
+        rotary = unwrap_model(self.model[0]).rotary_pos_emb if self.attention["attention_backend"] == "torch" else None
+        batches = [self._device_batch(split_for_context_parallel(s, p.cp, ps.get_context_parallel_rank(),
+                                                                 total_multiple), rotary) for s in mine]
+        trained_domains, self.num_domains = self.num_domains, num_domains
+        try:
+            data = iter(batches) if len(self.model) == 1 else [iter(batches) for _ in self.model]
+            with torch.no_grad():
+                reports = get_forward_backward_func()(
+                    forward_step_func=self._forward_step, data_iterator=data, model=self.model,
+                    num_microbatches=len(batches), seq_length=self.cfg.train.seq_length, micro_batch_size=1,
+                    forward_only=True)
+            return self.global_loss(reports)
+        finally:
+            self.num_domains = trained_domains
 
     def global_loss(self, reports: list[dict]) -> tuple[float, int, list[float]]:
         """Token-averaged loss over the global batch (overall and per domain), known on every rank."""
@@ -344,51 +413,98 @@ def _optimizer_note(meta: dict) -> str:
             f"checkpoint.optimizer_format=fully_reshardable, carries it across layouts)")
 
 
-def run(cfg: Config, make_dataset, log=print, stop: StopRequest | None = None) -> list[StepMetrics]:
+class NonFiniteGuard:
+    """Counts steps in a row whose loss or gradients were not finite (skipped: no update); more than
+    ``allowed`` stops the run, naming the step and the domains whose loss was not finite."""
+
+    def __init__(self, allowed: int, domain_names: list[str], say):
+        self.allowed, self.names, self.say, self.in_a_row = allowed, domain_names, say, 0
+
+    def check(self, m: StepMetrics, last_saved: int | None) -> None:
+        if not m.skipped:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        bad = [f"{n} {v}" for n, v in zip(self.names, m.domain_loss) if not math.isfinite(v)]
+        what = (f"loss {m.loss} (domains: {', '.join(bad)})" if bad or not math.isfinite(m.loss)
+                else f"gradients not finite (loss {m.loss:.4f})")
+        if self.in_a_row > self.allowed:
+            raise NonFiniteLoss(f"step {m.step}: {what}; {self.in_a_row} such step(s) in a row "
+                                f"(train.skip_nonfinite_steps={self.allowed}): stopping, no checkpoint written after "
+                                f"{'step ' + str(last_saved) if last_saved is not None else 'the start'}")
+        self.say(f"step {m.step}: {what}: skipped, no update ({self.in_a_row} of {self.allowed} allowed in a row)")
+
+
+def _take_folder(cfg: Config, say) -> RunLock | None:
+    """Rank 0, before any work: the folder's lock (refused if another live run writes there; a dead one's
+    taken over), saves a killed run left half-written removed, an earlier launch's STOP flag removed."""
+    ck = cfg.checkpoint
+    if not ck.dir:
+        return None
+    lock = RunLock(ck.dir, say)
+    lock.keep_fresh()
+    checkpoint.remove_stale_saves(ck.dir, say)
+    remove_stale_stop_flag(ck.dir)
+    if cfg.run.dir:  # the resolved config, as this launch runs it
+        import yaml
+
+        (Path(cfg.run.dir) / "logs").mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run.dir) / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    return lock
+
+
+def run(cfg: Config, make_dataset, log=print, stop: StopRequest | None = None,
+        make_heldout=None) -> list[StepMetrics]:
     """Train ``cfg.train.steps`` steps on ``make_dataset()`` (anything with ``global_batch(step, size)``),
     built by one rank per node first so its on-disk index cache is built once per node. ``stop``: the
-    signal handlers, installed by the caller as early as it can (a new one otherwise)."""
+    signal handlers, installed by the caller as early as it can (a new one otherwise). ``make_heldout()``:
+    (held-out samples, their domain names), evaluated every ``eval.interval`` steps."""
     ck = cfg.checkpoint
     stop = stop or StopRequest()
     stop.watch(ck.dir)
     attempt = None  # rank 0's record of this attempt, once the process group exists
+    attempt_step = [0]
     watchdog = StepWatchdog(cfg.train.watchdog, rank=int(os.environ.get("RANK", 0)),
                             on_expire=lambda why: attempt and attempt.failed(attempt_step[0], why))
-    attempt_step = [0]
     watchdog.arm("start-up", cfg.train.watchdog.startup_minutes * 60)
     trainer = Trainer(cfg)
     rank0 = dist.get_rank() == 0
     say = log if rank0 else (lambda *_: None)
     attempt = start_attempt(ck.dir, rank0=rank0)  # stops if the same step (or start-up) failed twice
-    lock = None
-    if ck.dir and rank0:
-        lock = RunLock(ck.dir, say)  # refuses a folder another live run writes; takes over a dead one's
-        lock.keep_fresh()
-        checkpoint.remove_stale_saves(ck.dir, say)
-        remove_stale_stop_flag(ck.dir)
+    lock = _take_folder(cfg, say) if rank0 else None
     dist.barrier()
     with local_rank_zero_first():
         dataset = make_dataset()
+        heldout, heldout_names = make_heldout() if make_heldout and cfg.eval.interval else ([], [])
     names = getattr(dataset, "domain_names", ["data"])
     trainer.num_domains = len(names)
     say(f"attention: backend {trainer.attention['attention_backend']}, kernel {trainer.attention['attention_kernel']}")
     _start(trainer, say)
     history = []
-    metrics = MetricsLogger(cfg.logging, names, cfg.train.steps, enabled=rank0, print_fn=log,
-                            run_info=trainer.attention)
+    t = cfg.train
+    metrics = MetricsLogger(cfg.logging, names, t.steps, enabled=rank0, print_fn=log, run_info=trainer.attention,
+                            resume_step=trainer.step, tokens_per_step=t.global_batch_size * t.seq_length,
+                            peak_tflops=peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                                                    t.precision),
+                            run_config=dataclasses.asdict(cfg), run_folder=cfg.run.dir or ck.dir,
+                            heldout_names=heldout_names)
+    nonfinite = NonFiniteGuard(t.skip_nonfinite_steps, names, say)
     queue = AsyncCallsQueue() if ck.async_save else None
-    batches = BatchPrefetcher(dataset, cfg.train.global_batch_size, cfg.train.steps)
+    batches = BatchPrefetcher(dataset, t.global_batch_size, t.steps)
     last_saved = trainer.step if ck.dir and trainer.step > 0 else None  # the newest checkpoint's step
     try:
         stopping = stop.agreed()  # a signal during start-up is not lost
-        while trainer.step < cfg.train.steps and not stopping:
+        while trainer.step < t.steps and not stopping:
             attempt_step[0] = trainer.step + 1
             attempt.step_starts(trainer.step + 1)
             watchdog.arm_step(trainer.step + 1)
             m = trainer.train_step(*batches.get(trainer.step))
             watchdog.step_done(m.step_time_s)
-            if len(watchdog.step_times) == cfg.train.watchdog.warmup_steps:
-                steady_collective_timeout(cfg.train)
+            if len(watchdog.step_times) == t.watchdog.warmup_steps:
+                steady_collective_timeout(t)
+            nonfinite.check(m, last_saved)
+            if heldout and (m.step % cfg.eval.interval == 0 or m.step == t.steps):
+                m.eval_loss, _, m.eval_domain_loss = trainer.evaluate(heldout, len(heldout_names))
             history.append(m)
             metrics.log(m)
             if queue:
@@ -396,11 +512,10 @@ def run(cfg: Config, make_dataset, log=print, stop: StopRequest | None = None) -
             stopping = stop.agreed()
             due = ck.interval and trainer.step % ck.interval == 0
             recent = stopping and last_saved is not None and trainer.step - last_saved <= ck.stop_save_skip_steps
-            if ck.dir and (due or (stopping and not recent) or trainer.step == cfg.train.steps):
+            if ck.dir and (due or (stopping and not recent) or trainer.step == t.steps):
                 watchdog.arm_save(trainer.step)
                 # the stage's last checkpoint is the next stage's start: portable across layouts
-                path = checkpoint.save(trainer, ck.dir, keep=ck.keep, queue=queue,
-                                       portable=trainer.step == cfg.train.steps)
+                path = checkpoint.save(trainer, ck.dir, keep=ck.keep, queue=queue, portable=trainer.step == t.steps)
                 last_saved = trainer.step
                 say(f"{'saving' if queue else 'saved'} {path}")
         if stopping:
@@ -409,7 +524,7 @@ def run(cfg: Config, make_dataset, log=print, stop: StopRequest | None = None) -
                     f"checkpoint.stop_save_skip_steps={ck.stop_save_skip_steps}" if last_saved is not None else
                     "nothing to save")
             say(f"stop requested ({stop.requested or 'on another rank'}): {done}; exiting")
-        watchdog.arm("the last checkpoint's background write", cfg.train.watchdog.save_minutes * 60)
+        watchdog.arm("the last checkpoint's background write", t.watchdog.save_minutes * 60)
         if queue:
             queue.maybe_finalize_async_calls(blocking=True)  # the last save is complete before we exit
         attempt.ended()

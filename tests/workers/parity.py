@@ -5,11 +5,15 @@ If INIT.pt does not exist (the 1-rank reference), this run's initial weights are
 they are loaded from it, so every layout starts from the same weights. ``data=long`` (sequences of >= 4K
 tokens): per step, one sequence that is a single document and others of many uneven documents up to 40%
 of the sequence, so that context-parallel query chunks sit deep inside long documents.
-Saved: losses and grad norms of each step, full gradients of step 1, full parameters after step 3.
+Saved: losses and grad norms of each step, full gradients of step 1, full parameters after step 3, and the
+held-out loss (``Trainer.evaluate``, overall and per domain) of 4 more sequences after step 3; the 1-rank run
+also computes that loss independently (cross-entropy of the model's logits, by hand).
 """
 
+import dataclasses
 import os
 import sys
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -71,6 +75,29 @@ def all_gather_grad_shards(model_chunks) -> None:
                 dist.all_gather_into_tensor(bucket.grad_data, shards[dist.get_rank(group)].clone(), group=group)
 
 
+def loss_by_hand(trainer, samples, num_domains: int):
+    """The token-averaged loss of ``samples``, overall and per domain, from the 1-rank model's logits: the
+    cross-entropy of each target token, masked, summed in float64."""
+    import torch.nn.functional as F
+
+    from megaprolong.model.context_parallel import split_for_context_parallel
+    from megaprolong.model.state import unwrap_model
+
+    rotary = unwrap_model(trainer.model[0]).rotary_pos_emb
+    sums, counts = np.zeros(num_domains), np.zeros(num_domains)
+    with torch.no_grad():
+        for s in samples:
+            batch = trainer._device_batch(split_for_context_parallel(s, 1, 0, 1), rotary)
+            logits = trainer.model[0](batch["tokens"], batch["position_ids"], attention_mask=None,
+                                      packed_seq_params=batch["packed_seq_params"]).reshape(-1, 256).double()
+            token_loss = F.cross_entropy(logits, batch["labels"].reshape(-1), reduction="none").numpy()
+            mask, dom = batch["loss_mask"].reshape(-1).numpy() > 0, batch["domains"].reshape(-1).numpy()
+            for d in range(num_domains):
+                sums[d] += token_loss[mask & (dom == d)].sum()
+                counts[d] += (mask & (dom == d)).sum()
+    return float(sums.sum() / counts.sum()), int(counts.sum()), [float(x) for x in sums / counts]
+
+
 def main(out: str, init: str, overrides: list[str]) -> None:
     data = "short"
     if overrides and overrides[0].startswith("data="):
@@ -95,7 +122,13 @@ def main(out: str, init: str, overrides: list[str]) -> None:
         loss, _, _ = trainer.global_loss(reports)
         result["loss"].append(loss)
         result["grad_norm"].append(grad_norm)
+    trainer.sync_params()  # overlapped parameter gathers: the last update reaches every rank's weights
     result["params"] = gather_full(trainer.model)
+    heldout = [dataclasses.replace(s, domains=np.full_like(s.domains, i % 2)) for i, s in enumerate(
+        make_batches(cfg.train.steps + 1, cfg.train.global_batch_size, cfg.train.seq_length)[-1][:4])]
+    result["heldout"] = trainer.evaluate(heldout, num_domains=2)
+    if dist.get_world_size() == 1:
+        result["heldout_by_hand"] = loss_by_hand(trainer, heldout, num_domains=2)
     if dist.get_rank() == 0:
         torch.save(result, out)
     dist.destroy_process_group()
