@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from megaprolong.runtime.log import get_logger
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="megaprolong-convert",
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
         if args.command == "hf-to-mcore":
             step = jobs.hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.rope_base, args.force,
                                     args.vocab_multiple)
-            print(f"wrote {step}")
+            get_logger("convert").info(f"wrote {step}")
             if args.verify:
                 result = jobs.verify(args.hf, str(step), tolerance=args.tolerance)
                 print(json.dumps(result))
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
         else:
             out = jobs.mcore_to_hf(args.ckpt, args.out, args.tokenizer, args.dtype, args.force,
                                    int(args.max_shard_gb * 2**30))
-            print(f"wrote {out}")
+            get_logger("convert").info(f"wrote {out}")
     except (ConversionError, FileNotFoundError) as e:
         print(f"megaprolong-convert: error: {e}", file=sys.stderr)
         return 1

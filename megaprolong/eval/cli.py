@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from megaprolong.config import ConfigError, from_dict, load_config
+from megaprolong.runtime.log import get_logger
 
 USAGE = """megaprolong-eval --model DIR --tasks TASKS --lengths N,N,... --out DIR [options]
        megaprolong-eval compare RUN_A RUN_B
@@ -57,7 +58,7 @@ def _run(argv: list[str]) -> int:
         print(f"megaprolong-eval: {e}", file=sys.stderr)
         return 2
     print(table(results))
-    print(f"megaprolong-eval: results -> {cfg.out}/results.json ({results['seconds']:.0f} s)")
+    get_logger("eval").info(f"results -> {cfg.out}/results.json ({results['seconds']:.0f} s)")
     return 0
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from megaprolong.config import ConfigError
+from megaprolong.runtime.log import get_logger
 
 CATEGORIES = ("recall", "rag", "rerank", "cite", "longqa", "summ", "icl")
 LIST_FIELDS = ("datasets", "test_files", "demo_files", "input_max_length", "generation_max_length")
@@ -256,7 +257,7 @@ def run(helmet_dir: Path, python: str, configs: list[Path], out: Path) -> list[s
     failures = []
     for config in configs:
         cmd = [python, str(LAUNCHER), "--config", str(config.resolve())]
-        print(f"megaprolong-eval helmet: {' '.join(cmd)}  (in {helmet_dir})", flush=True)
+        get_logger("eval").info(f"helmet: {' '.join(cmd)}  (in {helmet_dir})")
         log_path = out / "logs" / f"{config.stem}.log"
         with log_path.open("w") as log:
             proc = subprocess.Popen(cmd, cwd=helmet_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

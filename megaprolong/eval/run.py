@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from megaprolong.config import ConfigError
+from megaprolong.runtime.log import get_logger
 
 
 @dataclass
@@ -69,8 +70,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     backend = load_backend(cfg.backend, cfg.model, cfg.tp, max(cfg.lengths) + 512)
     tok = backend.tokenizer
     if backend.max_length and max(cfg.lengths) > backend.max_length:
-        print(f"megaprolong-eval: warning: lengths up to {max(cfg.lengths)} exceed the model's "
-              f"max_position_embeddings {backend.max_length}", file=sys.stderr)
+        get_logger("eval").warning(f"lengths up to {max(cfg.lengths)} exceed the model's "
+                                   f"max_position_embeddings {backend.max_length}")
     chat = {"auto": None, "on": True, "off": False}[cfg.chat_template]
     results: dict = {"model": os.path.abspath(cfg.model), "backend": cfg.backend, "config": asdict(cfg),
                      "scores": {}, "ppl": {}}

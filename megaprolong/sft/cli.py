@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from megaprolong.config import ConfigError, describe_keys, load_config, resolve_relative_paths
+from megaprolong.runtime.log import get_logger
 from megaprolong.sft.config import PATH_KEYS, SFTConfig, gradient_accumulation
 
 
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fatal(cfg.output_dir if cfg else None, str(e), record_fatal)
     if args.check:
         if int(os.environ.get("RANK", 0)) == 0:
-            run_lock.RunLock(cfg.output_dir, say=lambda line: print(f"megaprolong-sft: {line}"))
-        print("megaprolong-sft: start-up checks passed")
+            run_lock.RunLock(cfg.output_dir, say=get_logger("sft").info)
+        get_logger("sft").info("start-up checks passed")
         return 0
     from megaprolong.data.readers import DataError
     from megaprolong.sft.run import run_sft
@@ -81,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     except RepeatedFailure as e:
         print(f"megaprolong-sft: {e}", file=sys.stderr)
         return REPEATED_EXIT
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"megaprolong-sft: fine-tuned model -> {out}" if out else
-              "megaprolong-sft: stop requested (SIGTERM/SIGUSR1): checkpointed, exiting; a rerun resumes")
+    get_logger("sft").info(f"fine-tuned model -> {out}" if out else
+                           "stop requested (SIGTERM/SIGUSR1): checkpointed, exiting; a rerun resumes")
     return 0
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from megaprolong.runtime.log import get_logger
 from megaprolong.sft.config import SFTConfig, gradient_accumulation
 from megaprolong.training import manifest
 
@@ -35,10 +36,14 @@ def _attention(cfg: SFTConfig, cuda: bool) -> str:
 
 
 class _MetricsFile:
-    """A transformers callback writing one JSON object per logged step (main process only)."""
+    """A transformers callback writing one JSON object per logged step (main process only) and the step
+    line. ``resume_step``: the checkpoint's step a resumed run continues from (0: a fresh run): the file is
+    rewritten to the rows before it, so it has one row per step."""
 
-    def __init__(self, path: Path, fresh: bool):
+    def __init__(self, path: Path, resume_step: int, total_steps: int):
         from transformers import TrainerCallback
+
+        from megaprolong.training.metrics import keep_rows_up_to
 
         outer = self
 
@@ -48,19 +53,35 @@ class _MetricsFile:
                     outer.write(state.global_step, logs)
 
         self.callback = Callback()
-        self.path, self.last, self.tokens = path, time.time(), 0.0
-        if int(os.environ.get("RANK", 0)) == 0 and (fresh or not path.exists()):  # a resumed run appends
+        self.path, self.last, self.tokens, self.total = path, time.time(), 0.0, total_steps
+        self.recent: list[float] = []
+        if int(os.environ.get("RANK", 0)) == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+            if resume_step and path.exists():
+                keep_rows_up_to(path, resume_step)
+            else:
+                path.write_text("")
 
     def write(self, step: int, logs: dict) -> None:
+        from megaprolong.runtime.device import peak_memory_bytes
+        from megaprolong.training.metrics import count, duration, finite_or_none
+
         now, tokens = time.time(), logs.get("num_tokens", 0.0)  # TRL counts the tokens seen by all ranks
+        seconds = max(now - self.last, 1e-9)
         row = {"step": step, "loss": logs["loss"], "grad_norm": logs.get("grad_norm"),
-               "lr": logs.get("learning_rate"), "tokens_per_s": (tokens - self.tokens) / max(now - self.last, 1e-9),
+               "lr": logs.get("learning_rate"), "tokens_per_s": (tokens - self.tokens) / seconds,
+               "step_time_s": seconds, "peak_memory_bytes": peak_memory_bytes(),
                **{k: v for k, v in logs.items() if k in ("mean_token_accuracy", "num_tokens", "entropy")}}
         self.last, self.tokens = now, tokens
+        self.recent = (self.recent + [seconds])[-20:]
+        eta = (self.total - step) * sum(self.recent) / len(self.recent) if self.total else None
+        get_logger("sft").info(
+            f"step {step:>5}/{self.total or '?'} | loss {row['loss']:.4f} | grad norm {row['grad_norm'] or 0:.3f} | "
+            f"lr {row['lr'] or 0:.3e} | {1000 * seconds:,.0f} ms | {count(tokens)} tokens | "
+            f"{row['tokens_per_s']:,.0f} tok/s | mem {row['peak_memory_bytes'] / 2**30:.2f} GiB"
+            + (f" | ETA {duration(eta)}" if eta is not None else ""))
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(finite_or_none(row), allow_nan=False) + "\n")
 
 
 def _preemption_callback(stop: Any) -> Any:
@@ -268,11 +289,11 @@ def run_sft(cfg: SFTConfig, stop: Any = None) -> Path | None:
         from megaprolong.runtime.preemption import remove_stale_stop_flag
         from megaprolong.runtime.run_lock import RunLock
 
-        lock = RunLock(cfg.output_dir, say=lambda line: print(f"megaprolong-sft: {line}", flush=True))
+        lock = RunLock(cfg.output_dir, say=get_logger("sft").info)
         lock.keep_fresh()
         remove_stale_stop_flag(cfg.output_dir)
     args = training_arguments(cfg, world_size, cuda)
-    say = (lambda line: print(f"megaprolong-sft: {line}", flush=True)) if args.process_index == 0 else (lambda _: None)
+    say = get_logger("sft").info  # rank 0 speaks
     transformers.set_seed(cfg.train.seed)
     chat_format = cfg.chat_format
     if chat_format == "auto":
@@ -286,9 +307,9 @@ def run_sft(cfg: SFTConfig, stop: Any = None) -> Path | None:
         dataset, report = build_sft_dataset(cfg, tokenizer, cfg.data.cache_dir or Path(cfg.output_dir) / ".sft_data",
                                             progress=args.local_process_index == 0)
     say(report.summary())
-    if report.truncated and args.process_index == 0:
-        print(f"megaprolong-sft: warning: {report.truncated} conversation(s) longer than train.seq_length="
-              f"{cfg.train.seq_length} were truncated", file=sys.stderr, flush=True)
+    if report.truncated:
+        get_logger("sft").warning(f"{report.truncated} conversation(s) longer than train.seq_length="
+                                  f"{cfg.train.seq_length} were truncated")
     attention = _attention(cfg, cuda)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model, dtype=torch.float32, attn_implementation=attention,
@@ -297,7 +318,9 @@ def run_sft(cfg: SFTConfig, stop: Any = None) -> Path | None:
     # The RoPE base (and every other field) of the long-context checkpoint is kept as saved.
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     last = newest_complete_checkpoint(Path(args.output_dir), say)
-    metrics = _MetricsFile(Path(cfg.logging.metrics_file or Path(cfg.output_dir) / "metrics.jsonl"), fresh=last is None)
+    resume_step = int(last.name.rsplit("-", 1)[1]) if last else 0
+    metrics = _MetricsFile(Path(cfg.logging.metrics_file or Path(cfg.output_dir) / "metrics.jsonl"), resume_step,
+                           args.max_steps if args.max_steps > 0 else 0)
     stop = stop or StopRequest()
     stop.watch(cfg.output_dir)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
