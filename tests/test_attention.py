@@ -116,12 +116,21 @@ def test_rank_major_rows_invert_the_partition():
 
 # ---- the GPU kernels' calling conventions, through stand-ins with their exact signatures ----------------
 
+def check_max_lengths(cu_q, cu_k, max_q, max_k):
+    """The kernels size their work by max_q / max_k: the longest query and key segments, exactly (a kernel
+    given a max_k below a segment's keys reads past it or drops keys; the stand-ins refuse any other value)."""
+    want_q, want_k = int(np.diff(cu_q.numpy()).max()), int(np.diff(cu_k.numpy()).max())
+    assert (max_q, max_k) == (want_q, want_k), f"max_q, max_k = {max_q}, {max_k}; the segments need {want_q}, {want_k}"
+
+
 def varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+    check_max_lengths(cu_seq_q, cu_seq_k, max_q, max_k)
     return reference(query, key, value, cu_seq_q.numpy(), cu_seq_k.numpy(), query.shape[-1] ** -0.5, is_causal)
 
 
 def varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                 window_size=(-1, -1)):
+    check_max_lengths(cu_seq_q, cu_seq_k, max_q, max_k)
     is_causal = window_size == (-1, 0)  # as torch's source: a list [-1, 0] is not causal
     return reference(query, key, value, cu_seq_q.numpy(), cu_seq_k.numpy(), scale, is_causal)
 
@@ -188,9 +197,11 @@ def test_a_list_window_would_be_non_causal():
 def test_flash_attn_call(monkeypatch):
     def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                softmax_scale=None, causal=False, **_):
+        check_max_lengths(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         return reference(q, k, v, cu_seqlens_q.numpy(), cu_seqlens_k.numpy(), softmax_scale, causal)
 
-    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func))
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func,
+                                                                         __version__="2.7.4"))
     got, want = run_layout(kernels._flash_attn, cp=4, rank=0, scale=0.3)
     torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-6)
 
@@ -209,3 +220,64 @@ def test_kernel_selection():
         kernels.select_kernel("cpu-blockwise", "cuda", torch.bfloat16)
     with pytest.raises(ValueError, match="expected one of"):
         kernels.select_kernel("dense", "cpu", torch.float32)
+
+
+def test_a_wrong_max_k_is_caught_by_the_stand_ins(monkeypatch):
+    """Mutation: the chunk's length passed as max_k instead of its prefix's must fail."""
+    import dataclasses
+
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", varlen_2_12)
+    wrong = lambda q, k, v, layout, scale: kernels._torch_varlen(  # noqa: E731
+        q, k, v, dataclasses.replace(layout, max_k=layout.max_q), scale)
+    with pytest.raises(AssertionError, match="max_q, max_k"):
+        run_layout(wrong)
+
+
+def test_auto_is_torch_varlen_on_gpus_even_with_flash_attn_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=None,
+                                                                         __version__="2.7.4"))
+    kernels.select_kernel.cache_clear()
+    try:
+        assert kernels.select_kernel("auto", "cuda", torch.bfloat16).name == "torch-varlen"
+        assert kernels.select_kernel("flash-attn", "cuda", torch.bfloat16).name == "flash-attn"  # by name only
+        monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=None,
+                                                                             __version__="2.0.9"))
+        kernels.select_kernel.cache_clear()
+        with pytest.raises(ValueError, match="older than 2.1: its causal mask is aligned top-left"):
+            kernels.select_kernel("flash-attn", "cuda", torch.bfloat16)
+    finally:
+        kernels.select_kernel.cache_clear()
+
+
+def top_left(q, k, v, layout, scale):
+    """A kernel that aligns the causal mask top-left (flash-attn < 2.1's convention)."""
+    k, v = kernels.expand_kv(k, q.shape[1], 1), kernels.expand_kv(v, q.shape[1], 1)
+    out = []
+    for qs, qe, ks, ke in zip(layout.cu_q[:-1], layout.cu_q[1:], layout.cu_k[:-1], layout.cu_k[1:]):
+        qc, kc, vc = (x.transpose(0, 1)[None] for x in (q[qs:qe], k[ks:ke], v[ks:ke]))
+        n, m = qe - qs, ke - ks
+        mask = torch.ones(n, m, dtype=torch.bool).tril()  # query i sees keys 0..i: top-left
+        out.append(torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale)[0]
+                   .transpose(0, 1))
+    return torch.cat(out)
+
+
+def one_key_short(q, k, v, layout, scale):
+    """The blockwise kernel with every segment's keys starting one position late (an off-by-one offset)."""
+    cu_k = layout.cu_k.copy()
+    cu_k[:-1] += np.where(np.diff(layout.cu_k) > np.diff(layout.cu_q), 1, 0)
+    return blockwise_causal_attention(q, k, v, layout.cu_q, cu_k, scale)
+
+
+def test_the_self_test_passes_real_kernels_and_refuses_wrong_ones():
+    cpu = torch.device("cpu")
+    for name in ("cpu-blockwise", "sdpa"):
+        kernel = kernels.select_kernel(name, "cpu", torch.float32)
+        assert kernels.self_test(kernel, cpu, torch.float32, heads=4, groups=2, dim=16) < 1e-5
+    layout = kernels.self_test_layout(cpu)
+    assert (np.diff(layout.cu_k) > np.diff(layout.cu_q)).any()  # it has offset segments
+    for wrong in (top_left, one_key_short):
+        with pytest.raises(kernels.KernelMismatch, match=r"fails its self-test .*\(out [0-9.e+-]+, dq [0-9.e+-]+"):
+            kernels.self_test(kernels.Kernel("wrong", "a mutation", wrong), cpu, torch.float32, 4, 2, 16)

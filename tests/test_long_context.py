@@ -31,3 +31,9 @@ def test_64k_under_context_parallelism_matches_single_rank(reference_64k, cp):
     d, ref = reference_64k
     torchrun("parity.py", cp, str(d / f"cp{cp}.pt"), str(d / "init.pt"), *SEQ_64K, f"parallel.cp={cp}", timeout=300)
     assert_matches(torch.load(d / f"cp{cp}.pt"), ref, torch.load(d / "init.pt"))
+
+
+def test_one_rope_table_and_no_host_transfer_inside_layers():
+    """40 micro-batches whose largest documents all differ: one RoPE table alive (megatron's per-length cache
+    empty); a packed forward makes no host transfer inside a layer (see tests/workers/rope_and_syncs.py)."""
+    assert "ROPE_AND_SYNCS_OK" in torchrun("rope_and_syncs.py", 1, timeout=300)

@@ -90,3 +90,40 @@ def test_eval_long_prompt_is_causal_sdpa_without_a_mask(monkeypatch):
     assert prefill and all(mask is None and causal for mask, causal, _, _ in prefill)
     decode = [c for c in calls if c[2] == 1]
     assert decode and all(mask is None for mask, _, _, _ in decode)
+
+
+def test_no_host_transfer_inside_layers_with_the_varlen_implementation():
+    """The packed row's layout is built once per micro-batch before the layers (a pre-hook on the model):
+    forward and backward (gradient checkpointing: the layers run again) make no Tensor.cpu / .item /
+    .tolist / .numpy call inside a decoder layer."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from megaprolong.sft.varlen_attention import prepare_per_batch
+
+    register()
+    model = tiny_llama(NAME)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    prepare_per_batch(model)
+    state = {"inside": 0, "calls": []}
+    for layer in model.modules():
+        if isinstance(layer, LlamaDecoderLayer):
+            layer.register_forward_pre_hook(lambda *_: state.update(inside=state["inside"] + 1))
+            layer.register_forward_hook(lambda *_: state.update(inside=state["inside"] - 1))
+    real = {n: getattr(torch.Tensor, n) for n in ("cpu", "item", "tolist", "numpy")}
+
+    def counting(name):
+        def call(tensor, *args, **kwargs):
+            if state["inside"]:
+                state["calls"].append(name)
+            return real[name](tensor, *args, **kwargs)
+        return call
+
+    try:
+        for name in real:
+            setattr(torch.Tensor, name, counting(name))
+        model(**packed_row()).loss.backward()
+    finally:
+        for name, fn in real.items():
+            setattr(torch.Tensor, name, fn)
+    assert state["calls"] == []

@@ -55,3 +55,27 @@ def async_writer_hashes_what_it_writes() -> None:
         return builtins.open(file, mode, *args, **kwargs)
 
     filesystem_async.open = open_hashed
+
+
+def rotary_with_one_table(rotary, max_len: int) -> None:
+    """megatron-core 0.19.2: ``RotaryEmbedding.forward`` is an ``lru_cache(maxsize=32)`` keyed by the length
+    asked for. Packed batches ask for their largest padded document, a new length almost every micro-batch,
+    so up to 32 tables stay alive (at 512K and head dim 128, 256 MiB each, on the GPU). Give the model one
+    table, at the stage's maximum length, computed once (``rotary.one_table()``): packed requests get a view
+    of its first rows (the same numbers: RoPE's table at position p does not depend on the length)."""
+    table: dict = {}
+
+    def one_table():
+        if "emb" not in table:
+            table["emb"] = rotary.get_emb(max_len)
+        return table["emb"]
+
+    cached = rotary.forward
+
+    def forward(max_seq_len, offset=0, packed_seq=False, cp_group=None):
+        if packed_seq and offset == 0 and max_seq_len <= max_len:
+            return one_table()[:max_seq_len]
+        return cached(max_seq_len, offset, packed_seq, cp_group)
+
+    rotary.forward = forward
+    rotary.one_table = one_table

@@ -32,8 +32,8 @@ class SFTTrainConfig:
     seed: int = 42
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 mixed precision on GPU, fp32 on CPU
     gradient_checkpointing: bool = True
-    # auto: flash-attn if installed, else on GPUs megaprolong_varlen (torch's varlen kernel per packed
-    # conversation, no mask), on the CPU sdpa (a dense per-conversation mask: fine at CPU lengths)
+    # auto: on GPUs megaprolong_varlen (torch's varlen kernel per packed conversation, no mask), on the CPU sdpa
+    # (a dense per-conversation mask: fine at CPU lengths); flash_attention_2 (flash-attn >= 2.1) only by name
     attn_implementation: Literal["auto", "flash_attention_2", "megaprolong_varlen", "sdpa", "eager"] = "auto"
     fsdp: bool = True  # FSDP2 full sharding on GPUs (on CPU, transformers runs plain DDP over gloo)
     save_steps: int = 0  # intermediate HF checkpoints every N steps (0: only the final model)

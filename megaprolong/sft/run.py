@@ -20,19 +20,44 @@ from megaprolong.training import manifest
 
 
 def _attention(cfg: SFTConfig, cuda: bool) -> str:
-    """The transformers attention implementation; every choice masks packed conversations exactly."""
-    from megaprolong.model.attention.kernels import flash_attn_available
+    """The transformers attention implementation; every choice masks packed conversations exactly. ``auto``:
+    our varlen kernels on a GPU (torch's own flash attention: flash-attn has not run in this project's checks),
+    sdpa on the CPU (a dense [L, L] mask from the position ids: fine at CPU lengths, not at 64K)."""
     from megaprolong.sft import varlen_attention
 
     choice = cfg.train.attn_implementation
     if choice == "auto":
-        if cuda and flash_attn_available():
-            choice = "flash_attention_2"
-        else:  # sdpa on the CPU: a dense [L, L] mask from the position ids, fine at CPU lengths, not at 64K
-            choice = varlen_attention.NAME if cuda else "sdpa"
+        choice = varlen_attention.NAME if cuda else "sdpa"
     if choice == varlen_attention.NAME:
         varlen_attention.register()
     return choice
+
+
+def _self_test_attention(choice: str, model: Any, cuda: bool) -> str:
+    """Our kernels behind ``choice`` checked on a tiny problem of the model's head shapes (offset segments,
+    forward and gradients, against SDPA causal_lower_right) before training; transformers' own sdpa and
+    eager paths need none. Raises FatalError on a mismatch."""
+    import torch
+
+    from megaprolong.model.attention.kernels import KernelMismatch, self_test, select_kernel
+    from megaprolong.runtime.attempts import FatalError
+    from megaprolong.sft import varlen_attention
+
+    names = {varlen_attention.NAME: "auto", "flash_attention_2": "flash-attn"}
+    if choice not in names:
+        return choice
+    c = model.config
+    dtype = torch.bfloat16 if cuda else torch.float32
+    kernel = select_kernel(names[choice], "cuda" if cuda else "cpu", dtype)
+    dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    try:
+        error = self_test(kernel, torch.device("cuda" if cuda else "cpu"), dtype, c.num_attention_heads,
+                          c.num_key_value_heads, dim)
+    except KernelMismatch as e:
+        raise FatalError(str(e)) from None
+    if choice == varlen_attention.NAME:
+        varlen_attention.prepare_per_batch(model)
+    return f"{choice} ({kernel.name}; self-test passed, max error {error:.1e} of max |ref| vs SDPA causal_lower_right)"
 
 
 class _MetricsFile:
@@ -314,7 +339,7 @@ def run_sft(cfg: SFTConfig, stop: Any = None) -> Path | None:
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model, dtype=torch.float32, attn_implementation=attention,
         use_cache=False)  # with a cache transformers would let packed conversations see each other
-    say(f"attention {attention}, chat format {chat_format}")
+    say(f"attention {_self_test_attention(attention, model, cuda)}, chat format {chat_format}")
     # The RoPE base (and every other field) of the long-context checkpoint is kept as saved.
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     last = newest_complete_checkpoint(Path(args.output_dir), say)

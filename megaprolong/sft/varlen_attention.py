@@ -9,9 +9,15 @@ the mask function registered with it is transformers' own flash-attention one, w
 nothing is padded.
 
 A call whose queries are not its keys (generation with a KV cache) goes to transformers' sdpa function.
+
+The layout of a packed row (its conversations' boundaries, host arrays and their device copies) is built
+once per micro-batch, before the layers run, by a forward pre-hook on the model (:func:`prepare_per_batch`):
+the layers (and their recomputation under gradient checkpointing) take it as it is, with no host transfer.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 import torch
@@ -47,13 +53,37 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                          "collation, or attn_implementation='sdpa' for padded batches)")
     if dropout:
         raise ValueError(f"{NAME}: attention dropout is not supported")
-    if position_ids is None:
-        position_ids = torch.arange(length).expand(batch, length)
-    layout = AttentionLayout.build(segments(position_ids), cp=1, rank=0, device=query.device)
+    layout = _prepared_layout(position_ids, batch * length)
+    if layout is None:  # not prepared for this micro-batch (a model without the pre-hook): build it here
+        if position_ids is None:
+            position_ids = torch.arange(length).expand(batch, length)
+        layout = AttentionLayout.build(segments(position_ids), cp=1, rank=0, device=query.device)
     kernel = select_kernel("auto", query.device.type, query.dtype)
     flat = lambda x: x.transpose(1, 2).reshape(batch * length, x.shape[1], dim)  # noqa: E731  [B*L, h, d]
     out = kernel.run(flat(query), flat(key), flat(value), layout, dim ** -0.5 if scaling is None else scaling)
     return out.reshape(batch, length, heads, dim), None
+
+
+_PREPARED: dict = {}  # the current micro-batch: its position ids (weakly) and its layout
+
+
+def _prepared_layout(position_ids: torch.Tensor | None, tokens: int) -> AttentionLayout | None:
+    """The layout the pre-hook built for this very micro-batch (the same position-ids tensor), else None."""
+    ref, layout = _PREPARED.get("positions"), _PREPARED.get("layout")
+    if position_ids is None or ref is None or ref() is not position_ids or int(layout.cu_q[-1]) != tokens:
+        return None
+    return layout
+
+
+def prepare_per_batch(model: torch.nn.Module) -> None:
+    """Build each micro-batch's layout once, from the position ids given to ``model``, before its layers run."""
+    def hook(module, args, kwargs):
+        positions = kwargs.get("position_ids")
+        if positions is not None and positions.shape[-1] > 0:
+            device = next(module.parameters()).device
+            _PREPARED["layout"] = AttentionLayout.build(segments(positions), cp=1, rank=0, device=device)
+            _PREPARED["positions"] = weakref.ref(positions)
+    model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def register() -> str:

@@ -35,13 +35,15 @@ from megaprolong.data.packing import Sample, balance_micro_batches
 from megaprolong.data.prefetch import BatchPrefetcher
 from megaprolong.model.chunked_loss import lm_head_loss
 from megaprolong.model.attention import packed_batch, select_kernel
+from megaprolong.model.attention.kernels import KernelMismatch, self_test
 from megaprolong.model.context_parallel import concat_packed, split_for_context_parallel
 from megaprolong.model.llama import attention_backend, build_model, transformer_config
 from megaprolong.model.state import unwrap_model
-from megaprolong.runtime.attempts import start_attempt
+from megaprolong.runtime.attempts import FatalError, start_attempt
 from megaprolong.runtime.device import (device, init_distributed, local_rank_zero_first, peak_memory_bytes,
                                        set_collective_timeout)
 from megaprolong.runtime.preemption import StopRequest, remove_stale_stop_flag
+from megaprolong.runtime.mcore_fixes import rotary_with_one_table
 from megaprolong.runtime.run_lock import RunLock
 from megaprolong.runtime.watchdog import StepWatchdog
 from megaprolong.training import checkpoint
@@ -183,6 +185,9 @@ class Trainer:
                 vp_stage=vp,
             )
             model.to(device())
+            if getattr(model, "rotary_pos_emb", None) is not None:  # one RoPE table, not one per length asked
+                # (the largest padded document: the sequence, plus padding to multiples of 2 * CP * TP)
+                rotary_with_one_table(model.rotary_pos_emb, self.cfg.train.seq_length + 2 * p.cp * p.tp)
             if self.tf_config.bf16:
                 model = Float16Module(self.tf_config, model)
             ddp_config = DistributedDataParallelConfig(
@@ -235,11 +240,20 @@ class Trainer:
         return get_megatron_optimizer(config, self.model)
 
     def _attention_choice(self) -> dict:
-        """The attention backend and kernel this run uses (printed at start-up, in every metrics row)."""
+        """The attention backend and kernel this run uses (printed at start-up, in every metrics row); the
+        kernel checks itself first (a tiny problem of the model's head shapes, offset segments, forward and
+        gradients against SDPA causal_lower_right) and training is refused if it fails."""
         if attention_backend(self.cfg.model) == "te":
             return {"attention_backend": "te", "attention_kernel": "TransformerEngine DotProductAttention (unverified)"}
-        kernel = select_kernel(self.cfg.model.attention_kernel, device().type, self.tf_config.params_dtype)
-        return {"attention_backend": "torch", "attention_kernel": f"{kernel.name}: {kernel.detail}"}
+        m, tp = self.cfg.model, self.cfg.parallel.tp
+        kernel = select_kernel(m.attention_kernel, device().type, self.tf_config.params_dtype)
+        try:
+            error = self_test(kernel, device(), self.tf_config.params_dtype, m.num_attention_heads // tp,
+                              m.num_query_groups // tp, m.head_dim)
+        except KernelMismatch as e:
+            raise FatalError(str(e)) from None
+        return {"attention_backend": "torch", "attention_kernel": f"{kernel.name}: {kernel.detail}",
+                "attention_self_test": f"passed, max error {error:.1e} of max |ref| vs SDPA causal_lower_right"}
 
     # ---- one step -----------------------------------------------------------------------------------
     def _micro_batches(self, global_batch: list[Sample]) -> list[dict]:
@@ -478,7 +492,8 @@ def run(cfg: Config, make_dataset, log=print, stop: StopRequest | None = None,
         heldout, heldout_names = make_heldout() if make_heldout and cfg.eval.interval else ([], [])
     names = getattr(dataset, "domain_names", ["data"])
     trainer.num_domains = len(names)
-    say(f"attention: backend {trainer.attention['attention_backend']}, kernel {trainer.attention['attention_kernel']}")
+    say(f"attention: backend {trainer.attention['attention_backend']}, kernel {trainer.attention['attention_kernel']}"
+        + (f"; self-test {trainer.attention['attention_self_test']}" if "attention_self_test" in trainer.attention else ""))
     _start(trainer, say)
     history = []
     t = cfg.train

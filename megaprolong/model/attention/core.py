@@ -63,10 +63,12 @@ class DocumentMaskedAttention(MegatronModule):
     def _packed(self, q, k, v, params):
         """q [t, h, d], k/v [t, kv, d] (this rank's zigzag share) -> [t, h * d]."""
         cp, rank = self.cp_group.size(), self.cp_group.rank()
-        layout = getattr(params, "layout", None)
-        if layout is None:  # megatron's plain PackedSeqParams (e.g. a caller of build_model): build it here
+        layout = getattr(params, "layout", None) or getattr(params, "_megaprolong_layout", None)
+        if layout is None:  # megatron's plain PackedSeqParams (e.g. a caller of build_model): built in the first
+            # layer, from the host copy of cu_seqlens (one transfer), and kept on the params for the others
             cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
             layout = AttentionLayout.build(cu.cpu().numpy(), cp, rank, q.device)
+            params._megaprolong_layout = layout
         freqs = getattr(params, "rope_freqs", None)
         if freqs is not None:  # [t, 1, h, d] is megatron's sbhd layout with b = 1: per-token RoPE, no loop
             q, k = (apply_rotary_pos_emb(x.unsqueeze(1), freqs, config=self.config, cp_group=self.cp_group)

@@ -75,6 +75,9 @@ def packed_batch(local: LocalPacked, device: torch.device, cp: int, cp_rank: int
     if rotary is None:
         return PackedSeqParams(**common)
     positions = torch.from_numpy(local.position_ids).to(device)
-    freqs = rotary.get_emb(local.max_seqlen)[positions]  # [t, 1, 1, d]: the table megatron's THD RoPE slices
+    # [t, 1, 1, d]: rows of the model's one RoPE table (runtime.mcore_fixes.rotary_with_one_table), the
+    # table megatron's THD RoPE slices; nothing of the table's size is made per micro-batch
+    table = rotary.one_table() if hasattr(rotary, "one_table") else rotary.get_emb(local.max_seqlen)
+    freqs = table[positions]
     return PackedBatch(**common, layout=AttentionLayout.build(local.cu_seqlens_padded, cp, cp_rank, device),
                        rope_freqs=freqs)
