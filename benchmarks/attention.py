@@ -50,8 +50,10 @@ def legacy_sdpa_loop(q, k_global, v_global, chunks, scale):
     return out
 
 
-def measure_one(kernel: str, seq: int, cp: int, heads: int, groups: int, dim: int, device: str) -> dict:
-    """Forward + backward of one layer's attention for rank 0 of ``cp`` on a one-document sequence."""
+def measure_one(kernel: str, seq: int, cp: int, heads: int, groups: int, dim: int, device: str,
+                warmup: bool | None = None) -> dict:
+    """Forward + backward of one layer's attention for rank 0 of ``cp`` on a one-document sequence, after
+    a warm-up forward + backward (default: on a GPU)."""
     from megaprolong.model.attention import AttentionLayout, select_kernel
     from megaprolong.model.context_parallel import gathered_positions
 
@@ -72,13 +74,15 @@ def measure_one(kernel: str, seq: int, cp: int, heads: int, groups: int, dim: in
     else:
         chosen = select_kernel(kernel, dev.type, dtype)
         rows = torch.from_numpy(gathered_positions(cu, cp)).to(dev)
-        gathered = [x[rows] for x in (k_global, v_global)]  # what the all-gather returns: rank-major
-        def step():
+
+        def step():  # each call builds its own graph from the leaves: warm-up and timed backward are separate
+            gathered = [x[rows] for x in (k_global, v_global)]  # what the all-gather returns: rank-major
             k, v = (x if layout.kv_index is None else x.index_select(0, layout.kv_index) for x in gathered)
             return chosen.run(q, k, v, layout, scale)
         name = chosen.name
-    if dev.type == "cuda":
+    if warmup if warmup is not None else dev.type == "cuda":
         step().float().sum().backward()  # warm-up
+    if dev.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

@@ -49,6 +49,7 @@ def test_missing_file_and_bad_override():
     # TransformerEngine runs packed sequences under CP with p2p only
     (["model.attention_backend=te", "parallel.cp=2", "parallel.cp_comm_type=a2a"], 2, "parallel.cp_comm_type"),
     (["model.attention_backend=te", "parallel.cp=2", "parallel.cp_comm_type=all_gather"], 2, "parallel.cp_comm_type"),
+    (["parallel.cp=2", "parallel.cp_comm_type=p2p"], 2, "parallel.cp_comm_type"),  # the torch backend would ignore it
 ])
 def test_validate_names_offending_keys(overrides, world, key):
     cfg = load_config(Config, None, overrides)

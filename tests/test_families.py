@@ -122,6 +122,22 @@ def test_megatron_logits_under_tp_pp_equal_transformers(converted, layout):
         assert f"HF_LOGITS_OK {hf}" in out, name
 
 
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", [(2, ["parallel.cp=2"]),
+                                    (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.cp=2"])],
+                         ids=["cp2", "tp2_sp_cp2"])
+def test_logits_through_the_packed_training_path_equal_transformers(converted, layout):
+    """Llama-3.1 (RoPE scaling) and Qwen3 (QK norm, own head width) through the path training takes: packed
+    documents, per-document CP padding and zigzag split, our attention with RoPE rows from the model's table;
+    each document's logits equal transformers' on that document alone."""
+    nproc, overrides = layout
+    chosen = {name: converted[name] for name in ("llama3.1", "qwen3")}
+    pairs = [str(p) for d, hf in chosen.values() for p in (hf, d / "mcore")]
+    out = torchrun("hf_logits.py", nproc, *pairs, "packed=1", *overrides, timeout=400)
+    for name, (_, hf) in chosen.items():
+        assert f"HF_LOGITS_OK {hf} packed" in out, name
+
+
 def test_rope_scaling_changes_the_logits():
     """The scaling is not a no-op at these shapes: Llama-3.1 without it computes other logits (so the logit
     tests above would catch a dropped scaling)."""

@@ -33,9 +33,9 @@ LAYOUTS = {
 # 4,096-token sequences: one single-document sequence and one of long uneven documents per step, so that
 # context-parallel query chunks sit at offsets > 0 deep inside long documents
 LONG = ["data=long", "train.seq_length=4096", "train.global_batch_size=2", "model.num_layers=2"]
-LONG_LAYOUTS = {
-    "cp4": (4, ["parallel.cp=4"]),
-    "tp2_sp_cp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.cp=2"]),
+LONG_LAYOUTS = {  # with full recomputation, the recipes' setting (the layers' forward runs again in backward)
+    "cp4": (4, ["parallel.cp=4", "train.recompute=full"]),
+    "tp2_sp_cp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.cp=2", "train.recompute=full"]),
 }
 
 

@@ -19,9 +19,10 @@ class ParallelConfig:
     vpp: int | None = None  # virtual pipeline stages per pipeline rank (interleaved schedule)
     cp: int = 1  # context parallel
     sequence_parallel: bool = False  # shard norms/dropout activations over the TP group (needs tp >= 2)
-    # TransformerEngine's CP exchange (model.attention_backend=te only; it supports packed sequences under CP
-    # with p2p, the ring, only). The torch backend always all-gathers K/V over the CP group.
-    cp_comm_type: str = "p2p"
+    # TransformerEngine's CP exchange (model.attention_backend=te only; unset there means p2p, the ring, its
+    # only packed-sequence path under CP). The torch backend always all-gathers K/V over the CP group and
+    # refuses the key, which it would ignore
+    cp_comm_type: str | None = None
     distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
     # overlap the gradient reduce-scatter / all-reduce with the backward pass (bucket by bucket; exact: the
     # same sums, started earlier)
@@ -200,7 +201,10 @@ def validate(cfg: Config, world_size: int) -> None:
         problems.append(f"model.attention_backend={m.attention_backend!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
     if m.attention_kernel not in ATTENTION_KERNELS:
         problems.append(f"model.attention_kernel={m.attention_kernel!r}: expected one of {', '.join(ATTENTION_KERNELS)}")
-    if m.attention_backend == "te" and p.cp > 1 and p.cp_comm_type != "p2p":
+    if m.attention_backend != "te" and p.cp_comm_type is not None:
+        problems.append(f"parallel.cp_comm_type={p.cp_comm_type!r}: TransformerEngine's CP exchange, which the torch "
+                        f"attention backend does not use (it all-gathers K/V over the CP group): remove the key")
+    if m.attention_backend == "te" and p.cp > 1 and p.cp_comm_type not in (None, "p2p"):
         problems.append(f"parallel.cp_comm_type={p.cp_comm_type!r} with model.attention_backend=te: TransformerEngine "
                         f"supports packed (THD) sequences under context parallelism only with p2p (its a2a and "
                         f"all_gather THD paths are refused or untested in TE itself); set parallel.cp_comm_type=p2p")

@@ -163,7 +163,7 @@ class Trainer:
             pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
             bf16=bf16,
             calculate_per_token_loss=True,
-            cp_comm_type=p.cp_comm_type if p.cp > 1 else None,
+            cp_comm_type=(p.cp_comm_type or "p2p") if p.cp > 1 else None,
             # packed samples padded per document for CP vary in length: pipeline stages exchange shapes
             # (megatron-core requires the alltoall dispatcher setting for that, even for dense models)
             **({"variable_seq_lengths": True, "moe_token_dispatcher_type": "alltoall"} if p.pp > 1 else {}),

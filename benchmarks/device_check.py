@@ -1,0 +1,178 @@
+"""The GPU checks, in two commands that each fit a few minutes (with room to run again in one lease):
+
+    python benchmarks/device_check.py correctness   # ~3 min: kernels = CPU reference (+ negative controls),
+                                                    #   GPU = CPU parity, document masking, SFT attention
+    python benchmarks/device_check.py performance   # 8B-shaped layers at 64K / 128K (tokens/s/GPU, TFLOPS,
+                                                    #   MFU, peak memory; torch varlen vs the SDPA loop), one
+                                                    #   attention layer at 64K, 128K and the 512K CP=8 share
+
+(``benchmarks/device_check.sh`` installs the carried wheels first, then runs this.) Every step is a command
+whose exit code and success marker are both checked: a step that crashes, times out, or ends without its
+marker fails, and any failed step makes the command exit 1 after the others ran. Only small text comes back:
+``$OUT/<command>.txt`` (each step PASS / FAIL, its ``RESULT`` lines, the tail of a failed step's log); full
+logs and tensors stay in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+MFU_PEAK_TFLOPS = 989.4  # H100 / H200 dense bf16
+
+
+@dataclass
+class Step:
+    name: str
+    argv: list[str]
+    marker: str | None = None  # must appear in the output (None: the exit code alone)
+    timeout_s: int = 600
+    env: dict = field(default_factory=dict)
+    cwd: Path = REPO
+
+
+@dataclass
+class Outcome:
+    step: Step
+    ok: bool
+    seconds: float
+    why: str
+    results: list[str]
+    tail: list[str]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", *args]
+
+
+def run_step(step: Step, logs: Path) -> Outcome:
+    log = logs / f"{step.name.replace(' ', '_')}.log"
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(step.argv, cwd=step.cwd, capture_output=True, text=True, timeout=step.timeout_s,
+                              env={**os.environ, **step.env})
+        output, code = proc.stdout + proc.stderr, proc.returncode
+        why = "" if code == 0 else f"exit {code}"
+    except subprocess.TimeoutExpired as e:
+        output = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        code, why = None, f"timed out after {step.timeout_s} s"
+    log.write_text(output)
+    if not why and step.marker and step.marker not in output:
+        why = f"exit 0 but no {step.marker!r} in its output"
+    lines = output.splitlines()
+    return Outcome(step, not why, time.monotonic() - start, why, [ln for ln in lines if ln.startswith("RESULT")],
+                   [] if not why else lines[-20:])
+
+
+def run_plan(title: str, steps: list[Step], out: Path, logs: Path) -> int:
+    """Run every step; write ``out/<title>.txt``; 0 when all passed, else 1."""
+    out.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    report, failed = [f"device check: {title}"], 0
+    for step in steps:
+        print(f"== {step.name}", flush=True)
+        o = run_step(step, logs)
+        failed += not o.ok
+        line = f"{'PASS' if o.ok else 'FAIL'} {step.name} ({o.seconds:.0f} s){': ' + o.why if o.why else ''}"
+        print(line, *o.results, *o.tail, sep="\n", flush=True)
+        report += [line, *(f"  {r}" for r in o.results), *(f"  | {t}" for t in o.tail)]
+    verdict = f"{title}: {len(steps) - failed}/{len(steps)} steps passed"
+    report.append(verdict)
+    (out / f"{title}.txt").write_text("\n".join(report) + "\n")
+    print(verdict, "DEVICE_CHECK_OK" if not failed else "DEVICE_CHECK_FAILED", flush=True)
+    return 1 if failed else 0
+
+
+def correctness_steps(tmp: Path) -> list[Step]:
+    workers = REPO / "tests" / "workers"
+    env = {"PYTHONWARNINGS": "ignore"}
+    compare = ("import sys, torch\n"
+               "d = sys.argv[1]; c = torch.load(f'{d}/cpu.pt'); g = torch.load(f'{d}/gpu.pt')\n"
+               "rel = max(((g['grads'][k] - v).abs().max() / v.abs().max()).item() for k, v in c['grads'].items())\n"
+               "par = max((g['params'][k] - v).abs().max().item() for k, v in c['params'].items())\n"
+               "loss = max(abs(a - b) / abs(b) for a, b in zip(g['loss'], c['loss']))\n"
+               "held = abs(g['heldout'][0] - c['heldout'][0]) / c['heldout'][0]\n"
+               "print(f'RESULT parity GPU vs CPU (fp32, 3 steps): loss {loss:.1e}, grads {rel:.1e}, params {par:.1e}, '\n"
+               "      f'held-out loss {held:.1e}')\n"
+               "assert loss < 1e-4 and rel < 1e-3 and par < 1e-4 and held < 1e-4, 'GPU run differs from the CPU run'\n"
+               "print('PARITY_OK')\n")
+    return [
+        Step("environment", [PY, "-c", "import torch, megatron.core as m; print('RESULT torch', torch.__version__, "
+                             "'megatron-core', m.__version__, torch.cuda.get_device_name()); print('ENV_OK')"], "ENV_OK"),
+        Step("attention kernels vs the CPU reference", [PY, "benchmarks/device_attention_check.py"],
+             "DEVICE_ATTENTION_OK", env=env),
+        Step("parity: the CPU run", torchrun(str(workers / "parity.py"), str(tmp / "cpu.pt"), str(tmp / "init.pt")),
+             None, env={**env, "CUDA_VISIBLE_DEVICES": ""}),
+        Step("parity: the GPU run", torchrun(str(workers / "parity.py"), str(tmp / "gpu.pt"), str(tmp / "init.pt")),
+             None, env=env),
+        Step("parity: GPU = CPU", [PY, "-c", compare, str(tmp)], "PARITY_OK"),
+        Step("document masking on the GPU", torchrun(str(workers / "attention_checks.py")), "ATTENTION_CHECKS_OK",
+             env=env),
+        Step("SFT attention: varlen = sdpa on a packed 64K row", [PY, "benchmarks/device_sft_attention_check.py"],
+             "SFT_ATTENTION_OK", env=env),
+    ]
+
+
+def throughput_result(path: str) -> str:
+    """The RESULT line of a ``train_throughput.py --json`` log."""
+    r = [json.loads(line) for line in open(path) if line.startswith("{")][-1]
+    return (f"RESULT seq {r['seq']} {r['kernel']}: {r['tokens_per_s_per_gpu']:,.0f} tok/s/GPU, "
+            f"{r['tflops_per_gpu']:.1f} TFLOPS/GPU, MFU {r['tflops_per_gpu'] / MFU_PEAK_TFLOPS:.1%}, "
+            f"peak {r['cuda_peak_gib']:.1f} GiB")
+
+
+def performance_steps(tmp: Path) -> list[Step]:
+    layers = os.environ.get("LAYERS", "12")  # + the 128K-vocabulary embedding and LM head: fits at 128K
+    steps = []
+    for seq in (65536, 131072):
+        for kernel in ("torch-varlen", "sdpa"):
+            log = tmp / f"step_{seq}_{kernel}.log"
+            run = torchrun("benchmarks/train_throughput.py", "--seq", str(seq), "--layers", layers, "--hidden", "4096",
+                           "--ffn", "14336", "--heads", "32", "--groups", "8", "--vocab", "128256", "--mean-doc",
+                           "16384", "--steps", "2", "--json", f"model.attention_kernel={kernel}",
+                           "train.loss_chunk_tokens=8192")
+            steps.append(Step(f"8B-shaped layers, {seq // 1024}K, {kernel}",
+                              ["bash", "-c", f"set -e; {' '.join(run)} > {log} 2>&1 || {{ tail -30 {log}; exit 1; }}; "
+                               f"{PY} {__file__} throughput-result {log}"], "RESULT seq", timeout_s=300))
+    table = tmp / "attention_layer.txt"  # a case that failed is a row saying so: the step fails on it
+    steps.append(Step("one attention layer: 64K, 128K, the 512K CP=8 share",
+                      ["bash", "-c", f"set -e; {PY} benchmarks/attention.py --heads 32 --groups 8 --head-dim 128 "
+                       f"--cases 65536:1,131072:1,524288:8 --kernels torch-varlen,sdpa > {table}; "
+                       f"sed 's/^/RESULT /' {table}; if grep -q failed {table}; then exit 1; fi"], "RESULT",
+                      timeout_s=300))
+    return steps
+
+
+PLANS = {"correctness": correctness_steps, "performance": performance_steps}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("plan", choices=[*PLANS, "custom", "throughput-result"],
+                    help="which checks (custom: --steps; throughput-result FILE: a train_throughput log's RESULT)")
+    ap.add_argument("file", nargs="?", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=os.environ.get("OUT") or "device-check", help="where the summary goes ($OUT)")
+    ap.add_argument("--steps", help=argparse.SUPPRESS)  # JSON [[name, marker, argv...], ...]: the driver's tests
+    a = ap.parse_args(argv)
+    if a.plan == "throughput-result":
+        print(throughput_result(a.file))
+        return 0
+    tmp = Path(tempfile.mkdtemp(prefix=f"megaprolong-device-{a.plan}-"))
+    if a.plan == "custom":
+        steps = [Step(name, list(cmd), marker) for name, marker, *cmd in json.loads(a.steps)]
+    else:
+        steps = PLANS[a.plan](tmp)
+    return run_plan(a.plan, steps, Path(a.out), tmp / "logs")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

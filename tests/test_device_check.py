@@ -1,0 +1,107 @@
+"""The GPU check cannot pass wrongly, and what it carries installs on the lent machine (all on the CPU).
+
+- The driver fails when any step fails (a crash, a timeout, a missing success marker), after running the
+  others, and the shell wrapper passes that on.
+- The attention check's comparison passes a correct kernel in bf16 and flags its negative controls (a
+  top-left causal mask, keys one position late); the SFT check flags conversations that see each other.
+- The benchmark's warm-up and timed backward each have their own graph.
+- The wheel set resolves for the machine's Python 3.12 / manylinux x86-64 and brings no torch.
+"""
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def driver(tmp_path, steps, wrapper=False):
+    cmd = (["bash", str(REPO / "benchmarks" / "device_check.sh")] if wrapper else
+           [sys.executable, str(REPO / "benchmarks" / "device_check.py")])
+    return subprocess.run([*cmd, "custom", "--out", str(tmp_path), "--steps", json.dumps(steps)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def test_any_failed_step_fails_the_check(tmp_path):
+    ok = ["fine", "MARK", sys.executable, "-c", "print('RESULT 1'); print('MARK')"]
+    crash = ["crashes", None, sys.executable, "-c", "import sys; sys.exit(3)"]
+    silent = ["no marker", "MARK", sys.executable, "-c", "print('all good?')"]
+    assert driver(tmp_path, [ok]).returncode == 0
+    for bad in (crash, silent):
+        for wrapper in (False, True):
+            out = driver(tmp_path, [ok, bad, ok], wrapper)
+            assert out.returncode == 1, (bad[0], wrapper, out.stdout[-1000:], out.stderr[-1000:])
+            assert "DEVICE_CHECK_FAILED" in out.stdout and "DEVICE_CHECK_OK" not in out.stdout
+    summary = (tmp_path / "custom.txt").read_text().splitlines()
+    assert summary[1].startswith("PASS fine") and "  RESULT 1" in summary
+    assert any(line.startswith("FAIL no marker") and "no 'MARK' in its output" in line for line in summary)
+    assert summary[-1] == "custom: 2/3 steps passed"
+    assert [p.name for p in tmp_path.iterdir()] == ["custom.txt"]  # only the small summary comes back
+
+
+def test_the_attention_check_passes_bf16_rounding_and_flags_its_negative_controls():
+    import device_attention_check as check
+
+    from megaprolong.model.attention import select_kernel
+
+    run = select_kernel("cpu-blockwise", "cpu", torch.bfloat16).run
+    shape = dict(heads=4, groups=2, dim=32)
+    for cp, rank in ((1, 0), (2, 1), (4, 3)):
+        assert max(check.errors(run, check.LENGTHS, cp, rank, "cpu", **shape).values()) <= check.TOLERANCE
+    for control, worst in check.negative_controls(run, "cpu", **shape).items():
+        assert worst > 10 * check.TOLERANCE, control
+
+
+def test_the_sft_check_judges_logits_and_gradients(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "device_sft_attention_check.py"), "--device", "cpu",
+                          "--tokens", "4096"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0 and "SFT_ATTENTION_OK" in out.stdout, out.stderr[-2000:]
+    assert "negative control (conversations seeing each other)" in out.stdout and "flagged" in out.stdout
+
+
+def test_benchmark_warm_up_and_timed_backward_are_separate_graphs():
+    import attention
+
+    r = attention.measure_one("cpu-blockwise", 1024, 2, 2, 1, 16, "cpu", warmup=True)
+    assert r["kernel"] == "cpu-blockwise" and r["local_queries"] == 512
+
+
+DEVICE_TARGET = ["--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+                 "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "--only-binary=:all:"]
+
+
+def test_the_carried_wheels_resolve_for_the_gpu_machine(tmp_path):
+    wheels = tmp_path / "whl"
+    got = subprocess.run(["bash", str(REPO / "benchmarks" / "device_wheels.sh"), str(wheels)], capture_output=True,
+                         text=True, timeout=600, cwd=REPO, env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+                                                                 "PYTHON": sys.executable, "HOME": str(tmp_path)})
+    assert got.returncode == 0, got.stderr[-2000:]
+    report = tmp_path / "report.json"
+    dry = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
+                          "--no-index", "--find-links", str(wheels), "--no-deps", *DEVICE_TARGET, "--target",
+                          str(tmp_path / "site"), "-r", str(REPO / "benchmarks" / "device_wheels.txt")],
+                         capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    installed = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    assert installed == {"megatron-core": "0.19.2"}
+    files = list(wheels.glob("*.whl"))
+    assert not [f for f in files if f.name.startswith(("torch-", "nvidia", "triton"))]  # its own torch stays
+    assert all("cp312" in f.name or "py3-none" in f.name for f in files)
+    assert sum(f.stat().st_size for f in files) < 32 * 2**20  # with the working tree, under the 64 MiB carried
+    on_machine = {line.strip() for line in (REPO / "benchmarks" / "device_packages.txt").read_text().splitlines()
+                  if line.strip() and not line.startswith("#")}
+    carried = {f.name.split("-")[0].replace("_", "-").lower() for f in files}
+    for f in files:
+        with zipfile.ZipFile(f) as z:
+            meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        needs = [line.split(":", 1)[1].split(";")[0].strip() for line in meta.splitlines()
+                 if line.startswith("Requires-Dist:") and "extra ==" not in line]
+        for need in needs:
+            name = need.split()[0].split(">")[0].split("<")[0].split("=")[0].split("[")[0].replace("_", "-").lower()
+            assert name in on_machine | carried, f"{f.name} needs {need}: neither on the machine nor carried"
