@@ -31,10 +31,12 @@ setup(
         # The HF stages: SFT (TRL on transformers, FSDP2 via accelerate) and evaluation (plots).
         "sft": ["transformers>=5", "trl>=1.16", "accelerate", "datasets", "safetensors"],
         "eval": ["transformers>=5", "matplotlib"],
+        # the short-context suite (megaprolong-eval short): EleutherAI's lm-evaluation-harness and its hf model
+        "lmeval": ["lm-eval>=0.4.13,<0.5", "accelerate"],
         # monitoring: TensorBoard event files and W&B runs (logging.tensorboard_dir, logging.wandb_project)
         "monitor": ["tensorboard", "wandb"],
         "dev": ["pytest", "pytest-timeout", "transformers>=5", "safetensors", "trl>=1.16", "accelerate", "datasets",
-                "matplotlib", "tensorboard", "wandb"],
+                "matplotlib", "tensorboard", "wandb", "lm-eval>=0.4.13,<0.5"],
     },
     entry_points={
         "console_scripts": [

@@ -234,15 +234,23 @@ def test_sft_job_preempts_requeues_resumes_then_eval_job_scores_the_model(cluste
     assert sorted(set(rows)) == list(range(1, steps + 1))
     assert (out / "model" / "model.safetensors").exists()
 
+    from test_short_eval import write_tasks
+
+    write_tasks(tmp_path / "lm_eval_tasks")
     results = tmp_path / "eval"
     env = {"REPO": str(REPO), "MODEL": str(out / "model"), "OUT_DIR": str(results), "TASKS": "niah_single,json_kv",
-           "LENGTHS": "1024", "PYTHON": sys.executable, "EVAL_ARGS": "--samples 2"}
+           "LENGTHS": "1024", "PYTHON": sys.executable, "EVAL_ARGS": "--samples 2", "SUITES": "long,short",
+           "SHORT_TASKS": "tiny_mc", "SHORT_ARGS": f"--include-path {tmp_path / 'lm_eval_tasks'} --device cpu",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "REPORT_LENGTHS": "1024"}
     log = tmp_path / "eval.log"
     job = cluster.sbatch(str(REPO / "slurm" / "eval.sh"), "--job-name=tiny-eval", "--gpus-per-node=0",
                          "--cpus-per-task=2", f"--output={log}", f"--chdir={REPO}", env=env)
     assert cluster.wait(job, timeout=300) == "COMPLETED", log.read_text(errors="replace")[-3000:]
-    scores = json.loads((results / "results.json").read_text())["scores"]
+    scores = json.loads((results / "long" / "results.json").read_text())["scores"]
     assert set(scores) == {"niah_single", "json_kv"} and "niah_single" in log.read_text(errors="replace")
+    assert "acc_norm,none" in json.loads((results / "short" / "results.json").read_text())["short"]["tiny_mc"]["metrics"]
+    report = json.loads((results / "report" / "report.json").read_text())
+    assert report["rows"][0]["model"] == "eval" and report["rows"][0]["cells"]["Recall"]["note"].startswith("ours")
 
 
 def test_scripts_fail_fast_on_missing_inputs(cluster, tmp_path):

@@ -11,6 +11,8 @@ from megaprolong.config import ConfigError, from_dict, load_config
 from megaprolong.runtime.log import get_logger
 
 USAGE = """megaprolong-eval --model DIR --tasks TASKS --lengths N,N,... --out DIR [options]
+       megaprolong-eval short --model DIR --out DIR [--tasks hellaswag,mmlu,...] [--include-path DIR] [options]
+       megaprolong-eval report MODEL_RESULTS... [--base MODEL_RESULTS] [--out DIR]
        megaprolong-eval compare RUN_A RUN_B
        megaprolong-eval helmet --helmet-dir DIR --model DIR --python HELMET_PY --lengths N,... --out DIR --run"""
 
@@ -74,6 +76,79 @@ def _compare(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"megaprolong-eval: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _shots(text: str) -> dict[str, int]:
+    out = {}
+    for item in text.split(","):
+        task, sep, n = item.partition("=")
+        if not sep or not n.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"--shots: expected TASK=N[,TASK=N...], got {item!r}")
+        out[task.strip()] = int(n)
+    return out
+
+
+def _short(argv: list[str]) -> int:
+    from megaprolong.eval.short import PROLONG_TASKS, ShortConfig, run_short, table
+
+    p = argparse.ArgumentParser(prog="megaprolong-eval short", description=(
+        "Short-context tasks through EleutherAI's lm-evaluation-harness (the optional extra lmeval) on an HF "
+        "model folder: ProLong's five by default, any lm_eval task or group name, or your own task YAMLs "
+        "(--include-path). Every task's data is loaded before anything runs: a task whose dataset cannot be had "
+        "stops the run, naming it, and nothing is written. Writes OUT/results.json (lm_eval's metric names and "
+        "standard errors, and what was used), OUT/table.txt, OUT/short.png."))
+    p.add_argument("--model", required=True, help="HF model folder")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+    p.add_argument("--tasks", type=_csv(str), default=list(PROLONG_TASKS),
+                   help=f"comma-separated lm_eval task names (default: {','.join(PROLONG_TASKS)})")
+    p.add_argument("--shots", type=_shots, default={},
+                   help="few-shot examples per task, TASK=N,... (default: " +
+                        ", ".join(f"{t} {n}" for t, n in PROLONG_TASKS.items()) + "; other tasks: their own)")
+    p.add_argument("--include-path", help="a folder of your own lm_eval task YAMLs (lm_eval's option)")
+    p.add_argument("--data-dir", help="an HF cache folder (HF_HOME) holding the tasks' datasets: used offline "
+                                      "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE are set)")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="lm_eval's model type (vllm where installed)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward")
+    p.add_argument("--dtype", default="auto", help="weights' dtype: auto (the checkpoint's), bfloat16, float32, ...")
+    p.add_argument("--device", help="cuda:0, cpu, ... (default: CUDA when present)")
+    p.add_argument("--tp", type=int, default=1, help="vLLM tensor parallel size")
+    p.add_argument("--limit", type=int, help="at most this many examples per task (a quick check, not comparable)")
+    p.add_argument("--seed", type=int, default=1234, help="lm_eval's random seeds (few-shot sampling)")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    args = p.parse_args(argv)
+    cfg = ShortConfig(**{k: v for k, v in vars(args).items()})
+    try:
+        results = run_short(cfg)
+    except ConfigError as e:
+        print(f"megaprolong-eval short: {e}", file=sys.stderr)
+        return 2
+    print(table(results))
+    get_logger("eval").info(f"results -> {cfg.out}/results.json ({results['seconds']:.0f} s)")
+    return 0
+
+
+def _report(argv: list[str]) -> int:
+    from megaprolong.eval import report
+
+    p = argparse.ArgumentParser(prog="megaprolong-eval report", description=(
+        "The table ProLong reports: per model, HELMET's categories averaged over the lengths run, their average, "
+        "the short-context tasks and their average, and the difference from a base model. A model is a folder "
+        "holding any of our results.json files (long tasks and ppl, the HELMET adapter's, the short suite's)."))
+    p.add_argument("models", nargs="+", help="one folder of results per model")
+    p.add_argument("--base", help="the base model's folder of results: each row also shows its difference")
+    p.add_argument("--lengths", type=_csv(int), default=list(report.LENGTHS),
+                   help="the HELMET lengths averaged (default: ProLong's 32768,65536,131072)")
+    p.add_argument("--out", type=Path, help="also write OUT/report.json, report.txt, report.png")
+    args = p.parse_args(argv)
+    try:
+        rep = report.report(args.models, args.base, tuple(args.lengths))
+    except ConfigError as e:
+        print(f"megaprolong-eval report: {e}", file=sys.stderr)
+        return 2
+    print(report.text(rep))
+    if args.out:
+        report.write(rep, args.out)
     return 0
 
 
@@ -153,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
         return _compare(argv[1:])
+    if argv and argv[0] == "short":
+        return _short(argv[1:])
+    if argv and argv[0] == "report":
+        return _report(argv[1:])
     if argv and argv[0] == "helmet":
         return _helmet(argv[1:])
     return _run(argv)
