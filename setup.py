@@ -46,6 +46,7 @@ setup(
             "megaprolong-sft=megaprolong.sft.cli:main",
             "megaprolong-eval=megaprolong.eval.cli:main",
             "megaprolong-plan=megaprolong.cli.plan:main",
+            "megaprolong-pipeline=megaprolong.pipeline.cli:main",
         ]
     },
 )

@@ -1,15 +1,17 @@
-"""``make demo``: the whole pipeline at tiny scale on a CPU.
+"""``make demo``: the whole pipeline at tiny scale on a CPU, as ``megaprolong-pipeline run --local
+examples/pipeline_tiny.yaml`` runs it (the same steps a cluster gets from ``megaprolong-pipeline submit``):
 
-1. build a small multi-domain corpus and a byte-level BPE tokenizer (HF ``tokenizers``);
+1. generate a small multi-domain corpus, a byte-level BPE tokenizer (HF ``tokenizers``) and chat data;
 2. preprocess each domain (books, code grouped by repository, web) into a Megatron indexed dataset;
 3. stage 1: train a tiny Llama with tensor parallelism (TP=2 + sequence parallel) on 2 gloo ranks on
    ProLong's mix shape (long documents as single-document chunks, short documents packed);
 4. stage 2: 4x longer sequences split over 2 context-parallel ranks with document-masked attention,
-   RoPE base raised to 1.28e8, starting from the stage-1 checkpoint with a fresh LR schedule;
-5. convert the stage-2 checkpoint to an HF model (``megaprolong-convert mcore-to-hf``);
-6. SFT: fine-tune that HF model on synthetic chat data (Llama-3 chat template, assistant-only loss,
-   packed conversations) with TRL on 2 gloo processes (``examples/tiny_sft.yaml``);
-7. evaluate the fine-tuned model: needle-in-a-haystack and JSON KV prompts, perplexity by position.
+   RoPE base raised to 1.28e8, starting from stage 1's final checkpoint with a fresh LR schedule;
+5. export stage 2's final checkpoint as an HF model, with the data's tokenizer;
+6. SFT: fine-tune that HF model on the chats (Llama-3 chat template, assistant-only loss, packed
+   conversations) with TRL on 2 gloo processes;
+7. evaluate the fine-tuned model (needle-in-a-haystack and JSON KV prompts, perplexity by position) and
+   write the report.
 Each step's loss is printed; a summary table and a loss-curve PNG (WORKDIR/loss_curves.png) close the run.
 """
 
@@ -17,27 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _step(title: str) -> None:
-    print(f"\n=== {title}", flush=True)
-
-
-def _run(cmd: list[str], what: str) -> None:
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
-    if proc.returncode != 0:
-        raise SystemExit(f"demo: {what} failed (exit {proc.returncode})")
-
-
-def _torchrun(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", module, *args]
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -83,70 +70,35 @@ def plot_losses(curves: dict[str, list[dict]], out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m megaprolong.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="runs/demo", help="where corpus, tokenizer, data and metrics go")
-    ap.add_argument("--steps", type=int, default=30, help="training steps")
+    ap.add_argument("--workdir", default="runs/demo", help="the pipeline's root: corpus, data, checkpoints, results")
+    ap.add_argument("--steps", type=int, default=None, help="stage 1's training steps (default: the recipe's)")
     args = ap.parse_args(argv)
 
-    from megaprolong.data.preprocess import PreprocessConfig, preprocess
-    from megaprolong.data.tiny import synthetic_chats, synthetic_corpus, train_tokenizer, write_jsonl
+    from megaprolong.pipeline.config import load_pipeline
+    from megaprolong.pipeline.local import run_local
+    from megaprolong.pipeline.steps import Pipeline
 
-    work = Path(args.workdir)
+    work = Path(args.workdir).resolve()
+    if work.exists():  # a demo runs every step: start from nothing
+        print(f"demo: removing {work} (the previous demo)")
+        shutil.rmtree(work)
+    cfg = load_pipeline(REPO / "examples" / "pipeline_tiny.yaml", str(work))
+    if args.steps:
+        cfg.stages[0].overrides.append(f"train.steps={args.steps}")
+    pipe = Pipeline(cfg, REPO / "examples" / "pipeline_tiny.yaml")
     t0 = time.time()
-    _step("1/7 corpus and tokenizer")
-    docs = synthetic_corpus(n_docs=600, seed=0)
-    corpus = write_jsonl(docs, work / "corpus.jsonl")
-    tok = train_tokenizer([d["text"] for d in docs], work / "tokenizer", vocab_size=512)
-    print(f"{len(docs)} documents -> {corpus}; tokenizer -> {tok}")
-
-    _step("2/7 preprocess each domain to a Megatron indexed dataset")
-    for domain, extra in (("books", {}), ("code", {"group_by": "repo"}), ("web", {})):
-        src = write_jsonl([d for d in docs if d["domain"] == domain], work / f"{domain}.jsonl")
-        report = preprocess(PreprocessConfig(inputs=[str(src)], tokenizer=str(tok.parent), quiet=True,
-                                             output_prefix=str(work / "data" / domain), add_eos=True, **extra))
-        print(f"{domain:>5}: {report['documents']:>4} documents, {report['tokens']:>7,} tokens -> "
-              f"{work / 'data' / domain}.bin/.idx" + (" (files grouped by repository)" if extra else ""))
-
-    write_jsonl(synthetic_chats(200, seed=0), work / "chats.jsonl")
-    summary, curves = [], {}
-    for n, (stage, title) in enumerate((("tiny_stage1", "stage 1: TP=2 + sequence parallel, 128-token sequences"),
-                                        ("tiny_stage2", "stage 2: CP=2, 512-token sequences, RoPE base 1.28e8")),
-                                       start=3):
-        _step(f"{n}/7 {title}")
-        out = work / stage
-        metrics = out / "metrics.jsonl"
-        metrics.unlink(missing_ok=True)
-        overrides = [f"data.root={work / 'data'}", f"run.dir={out}", "checkpoint.resume=none"]
-        if stage == "tiny_stage1":
-            overrides.append(f"train.steps={args.steps}")
-        else:
-            overrides.append(f"checkpoint.load={work / 'tiny_stage1' / 'ckpt'}")
-        _run(_torchrun("megaprolong.train", "--config", str(REPO / "examples" / f"{stage}.yaml"), *overrides), stage)
-        curves[stage] = _read_jsonl(metrics)
-        summary.append((stage, curves[stage], out / "ckpt"))
-    _step("5/7 convert the stage-2 checkpoint to HF (transformers) format")
-    from megaprolong.convert.jobs import mcore_to_hf
-
-    hf_dir = mcore_to_hf(str(work / "tiny_stage2" / "ckpt"), str(work / "hf"), tokenizer=str(tok.parent), force=True)
-    print(f"HF model -> {hf_dir} (AutoModelForCausalLM.from_pretrained loads it)")
-
-    _step("6/7 SFT: Llama-3 chat format, loss on assistant replies, packed conversations (TRL, 2 processes)")
-    sft = work / "sft"
-    _run(_torchrun("megaprolong.sft", "--config", str(REPO / "examples" / "tiny_sft.yaml"), f"model={hf_dir}",
-                   f"output_dir={sft}", f"data.path={work / 'chats.jsonl'}"), "SFT")
-    curves["tiny_sft"] = _read_jsonl(sft / "metrics.jsonl")
-    summary.append(("tiny_sft", curves["tiny_sft"], sft / "model"))
-
-    _step("7/7 evaluate the fine-tuned model: RULER needles, JSON KV, perplexity by position")
-    _run([sys.executable, "-m", "megaprolong.eval", "--model", str(sft / "model"), "--tasks",
-          "niah_single,niah_multikey,json_kv,ppl", "--lengths", "448,512", "--samples", "4", "--out",
-          str(work / "eval"), "--ppl-data", str(work / "data" / "books"), "--ppl-documents", "4", "--force"], "eval")
+    run_local(pipe, say=lambda line: print(f"\n=== {line}" if line.startswith("== ") else line, flush=True))
+    curves = {stage.name: _read_jsonl(pipe.stage_dir(stage.name) / "metrics.jsonl") for stage in cfg.stages}
+    curves["sft"] = _read_jsonl(pipe.sft_dir / "metrics.jsonl")
     png = plot_losses(curves, work / "loss_curves.png")
+    where = {**{s.name: pipe.stage_dir(s.name) for s in cfg.stages}, "sft": pipe.sft_dir / "model"}
     print(f"\n=== summary ({time.time() - t0:.0f} s)")
     print(f"{'stage':<12} {'steps':>5} {'first loss':>10} {'last loss':>10} {'tokens/s':>9}  output")
-    for stage, rows, where in summary:
+    for stage, rows in curves.items():
         tps = sum(r["tokens_per_s"] for r in rows) / len(rows)
-        print(f"{stage:<12} {len(rows):>5} {rows[0]['loss']:>10.3f} {rows[-1]['loss']:>10.3f} {tps:>9,.0f}  {where}")
-    print(f"evaluation: {work / 'eval'}/results.json, table.txt, scores.png, ppl.png; loss curves: {png}")
+        print(f"{stage:<12} {len(rows):>5} {rows[0]['loss']:>10.3f} {rows[-1]['loss']:>10.3f} {tps:>9,.0f}  {where[stage]}")
+    print(f"evaluation: {pipe.eval_dir}/long (results.json, table.txt, scores.png, ppl.png), report "
+          f"{pipe.eval_dir}/report; loss curves: {png}")
     return 0
 
 

@@ -25,6 +25,7 @@
 #     requeues (MAX_REQUEUES failure requeues without progress)
 #   - a hang: the step watchdog prints every thread's stack and exits the worker -> torchrun restarts
 #   - a bad node: the node check names it, and the job is requeued without it (ExcNodeList)
+# `scancel JOB` also sends TERM, but marks the job CANCELLED first: the run stops and is not requeued.
 # What stops it, with the reason as the log's last line (a person is needed): bad input (config, data, no
 # checkpoint that verifies: exit 2, found once by the start-up check, never retried); the same step failing
 # in two attempts in a row (exit 3); MAX_REQUEUES spent; another job writing the same folder.
@@ -126,6 +127,10 @@ on_stop_signal() {  # on_stop_signal SIGNAL MODULE
   if [ -z "$deadline" ] || [ $((now + grace)) -lt "$deadline" ]; then deadline=$((now + grace)); fi
   [ -n "$stop_signal" ] && { echo "$sig: already stopping (deadline in $((deadline - now)) s)"; return; }
   stop_signal=$sig
+  if [ "$sig" = TERM ] && job_cancelled; then
+    echo "TERM: job $SLURM_JOB_ID was cancelled (scancel); the training processes stop, and it is not requeued"
+    return
+  fi
   echo "$sig: asking the training processes to checkpoint and exit (requeue in at most $grace s)"
   if [ -n "$PROGRESS_DIR" ]; then  # for workers not started yet, or restarted: they stop at their first step
     printf '{"run": "%s.%s", "reason": "%s to the batch shell", "time": %s}\n' "${SLURM_JOB_ID:-0}" \
@@ -135,7 +140,23 @@ on_stop_signal() {  # on_stop_signal SIGNAL MODULE
   srun --overlap --ntasks-per-node=1 -N "$NODES" pkill -USR1 -f -- "-u -m $module" || true
 }
 
+# scancel sends TERM too: that is a person stopping the run, and requeueing would bring it back. Slurm
+# shows a cancelled job as COMPLETING (as it does one preempted without grace time), but slurmstepd writes
+# "*** JOB N ON HOST CANCELLED AT TIME ***" to the job's log before the signal, with " DUE TO PREEMPTION"
+# (or TIME LIMIT, NODE FAILURE) when it is not a person. When unsure, it is not a cancel: requeue.
+job_cancelled() {
+  local info log
+  info=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null) || return 1
+  case "$info" in *JobState=CANCELLED*) return 0 ;; *JobState=COMPLETING*) ;; *) return 1 ;; esac
+  log=$(grep -o 'StdErr=[^ ]*' <<<"$info") && log=${log#StdErr=}
+  [ -r "$log" ] && grep -q "\*\*\* JOB $SLURM_JOB_ID ON [^ ]* CANCELLED AT [^ ]* \*\*\*" "$log"
+}
+
 requeue_job() {
+  if job_cancelled; then
+    echo "job $SLURM_JOB_ID was cancelled (scancel): not requeueing"
+    exit 0
+  fi
   scontrol requeue "$SLURM_JOB_ID" || echo "warning: scontrol requeue $SLURM_JOB_ID failed (already requeued by Slurm?)"
   exit 0
 }

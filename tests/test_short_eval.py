@@ -28,6 +28,7 @@ def write_tasks(d: Path) -> list[dict]:
     """In ``d``: a multiple-choice task (choices of unequal length, so acc and acc_norm favour different ones),
     a generate-until task, their data as local json, and a task whose dataset is on the Hub only. Returns the
     multiple-choice items."""
+    d.mkdir(parents=True, exist_ok=True)
     mc = [{"question": f"Question {i}: the colour of object number {i} is", "choices": COLORS, "answer": i % 5}
           for i in range(20)]
     (d / "mc.jsonl").write_text("".join(json.dumps(x) + "\n" for x in mc))

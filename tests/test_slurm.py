@@ -5,6 +5,7 @@ folder and a bad node are refused before anything trains."""
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from slurm_cluster import Cluster, ensure_installed
+from test_pipeline import local_tiny  # noqa: F401  (the uninterrupted pipeline the submitted one must equal)
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multirank
@@ -327,3 +329,78 @@ def test_a_node_that_fails_its_check_is_named_and_left_out(cluster, tmp_path):
     assert f"requeued with ExcNodeList={host}" in text and "attention: backend" not in text
     assert cluster.wait(job, states=("PENDING",), timeout=90) == "PENDING"  # nowhere left to run
     cluster.cancel(job)
+
+
+def pipeline_status(cluster, yaml_path, root) -> dict[str, tuple[str, str]]:
+    out = subprocess.run([sys.executable, "-m", "megaprolong.pipeline", "status", str(yaml_path), "--root", str(root)],
+                         capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, **cluster.env})
+    assert out.returncode in (0, 1), out.stderr[-2000:]
+    rows = {}
+    for line in out.stdout.splitlines()[1:]:
+        parts = line.split(None, 1)
+        name, rest = parts[0], parts[1] if len(parts) > 1 else ""
+        state = next(s for s in ("not started", "done", "running", "waiting", "failed") if rest.startswith(s))
+        rows[name] = (state, rest[len(state):].strip())
+    assert out.returncode == any(state == "failed" for state, _ in rows.values())  # 1: a step failed
+    return rows
+
+
+@pytest.mark.timeout(1200)
+def test_the_tiny_pipeline_submitted_resumes_where_it_broke(cluster, tmp_path, local_tiny):
+    """`megaprolong-pipeline submit` on the tiny pipeline: every step a job, chained; status tells each state;
+    the stage-2 job cancelled mid-run fails it (the steps after it can no longer start); a second submit
+    runs stage 2 onward only (the earlier steps' jobs ran once), and the final evaluation equals the
+    uninterrupted pipeline's (run --local)."""
+    from test_pipeline import STAGE2_STEPS, longer_stage2, variant
+
+    def edit(data):
+        longer_stage2(data)  # as the uninterrupted run
+        data["cluster"].update(sbatch=["--gpus-per-node=0", "--cpus-per-task=2", "--mem=2G", "--oversubscribe"],
+                               node_check=False)
+
+    yaml_path = variant(tmp_path, "pipeline_tiny.yaml", edit)
+    root = tmp_path / "root"
+    before = pipeline_status(cluster, yaml_path, root)
+    assert {state for state, _ in before.values()} == {"not started"} and len(before) == 7
+
+    def submit():
+        out = subprocess.run([sys.executable, "-m", "megaprolong.pipeline", "submit", str(yaml_path)], capture_output=True,
+                             text=True, timeout=120, cwd=REPO, env={**os.environ, **cluster.env})
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout.strip().splitlines()[-1].split()
+
+    first = submit()
+    assert len(first) == 7
+    record = lambda: json.loads((root / "pipeline.json").read_text())  # noqa: E731
+    stage2_job = record()["stage2"]["job"]
+    deadline = time.time() + 400
+    while not (root / "ckpt" / "stage2" / "metrics.jsonl").exists() or \
+            len((root / "ckpt" / "stage2" / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert time.time() < deadline, pipeline_status(cluster, yaml_path, root)
+        time.sleep(0.2)
+    states = pipeline_status(cluster, yaml_path, root)
+    assert states["stage1"][0] == "done" and states["stage2"][0] == "running"
+    assert states["stage2"][1].startswith(f"job {stage2_job}, step ") and f" of {STAGE2_STEPS}, " in states["stage2"][1]
+    assert states["sft"][0] == "waiting" and "(pending:" in states["sft"][1]
+    cluster.cancel(stage2_job)
+    deadline = time.time() + 300  # Slurm's KillWait, then the job's processes reaped
+    while pipeline_status(cluster, yaml_path, root)["stage2"][0] != "failed":
+        assert time.time() < deadline, subprocess.run(["ps", "-ef"], capture_output=True, text=True).stdout
+        time.sleep(1)
+    assert pipeline_status(cluster, yaml_path, root)["stage2"][1].startswith(f"job {stage2_job}: ")
+    second = submit()
+    assert len(second) == 4 and not set(second) & set(first)  # stage2, hf, sft, eval: new jobs
+    assert all(record()[s]["job"] == j for s, j in zip(("tiny-data", "data:tiny", "stage1"), first[:3]))
+    deadline = time.time() + 600
+    while any(state != "done" for state, _ in pipeline_status(cluster, yaml_path, root).values()):
+        rows = pipeline_status(cluster, yaml_path, root)
+        assert time.time() < deadline and not any(s == "failed" for s, _ in rows.values()), rows
+        time.sleep(2)
+    logs = sorted(p.name for p in (root / "logs").iterdir())
+    for step in ("tiny-data", "data-tiny", "stage1"):  # one job each: nothing finished was redone
+        assert len([name for name in logs if name.startswith(f"{step}-")]) == 1, logs
+    assert len([name for name in logs if name.startswith("stage2-")]) == 2
+    _, local_root, _ = local_tiny
+    got = json.loads((root / "eval" / "long" / "results.json").read_text())
+    want = json.loads((local_root / "eval" / "long" / "results.json").read_text())
+    assert got["scores"] == want["scores"] and got["ppl"] == want["ppl"]

@@ -104,18 +104,21 @@ def report(models: list[str | Path], base: str | Path | None = None, lengths=LEN
 
 
 def text(rep: dict) -> str:
+    from megaprolong.eval.run import length_label
+
     cols = rep["columns"]
-    width = max([12, *(len(r["model"]) + 2 for r in rep["rows"]), len(rep.get("base", {}).get("model", "")) + 2])
-    lines = [f"HELMET categories averaged over {', '.join(f'{n // 1024}K' for n in rep['lengths'])}; short tasks "
-             f"(lm-evaluation-harness, %); ~ partial, * our recall tasks, - missing",
-             f"{'model':<{width}}" + "".join(f"{c:>12}" for c in cols)]
+    w = {c: max(9, len(c) + 2) for c in cols}
+    width = max([12, *(len(r["model"]) + 2 for r in rep["rows"]), len(rep.get("base", {}).get("model", "")) + 9])
+    lines = [f"HELMET categories averaged over {', '.join(length_label(n) for n in rep['lengths'])} tokens; short "
+             f"tasks (lm-evaluation-harness, %); ~ partial, * our recall tasks, - missing",
+             f"{'model':<{width}}" + "".join(f"{c:>{w[c]}}" for c in cols)]
     if "base" in rep:
-        lines.append(f"{rep['base']['model'] + ' (base)':<{width}}" + "".join(f"{rep['base']['cells'][c].text():>12}"
-                                                                           for c in cols))
+        lines.append(f"{rep['base']['model'] + ' (base)':<{width}}" +
+                     "".join(f"{rep['base']['cells'][c].text():>{w[c]}}" for c in cols))
     for r in rep["rows"]:
-        lines.append(f"{r['model']:<{width}}" + "".join(f"{r['cells'][c].text():>12}" for c in cols))
+        lines.append(f"{r['model']:<{width}}" + "".join(f"{r['cells'][c].text():>{w[c]}}" for c in cols))
         if "vs_base" in r:
-            lines.append(f"{'  vs base':<{width}}" + "".join(f"{_signed(r['vs_base'][c]):>12}" for c in cols))
+            lines.append(f"{'  vs base':<{width}}" + "".join(f"{_signed(r['vs_base'][c]):>{w[c]}}" for c in cols))
     return "\n".join(lines)
 
 

@@ -1,0 +1,1 @@
+"""The whole recipe as one submission: ``megaprolong-pipeline`` (config, steps, Slurm, local run)."""

@@ -1,0 +1,56 @@
+"""``megaprolong-pipeline run --local``: the pipeline's steps in order on this machine, without Slurm.
+
+Training and SFT run under torchrun with ``cluster.local_processes`` processes; the other steps in this
+process. A step whose output is complete (it verifies) is skipped, so a second run continues where the first
+stopped; a step that ends without a complete output stops the run, naming what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from megaprolong.config import ConfigError
+from megaprolong.pipeline.steps import Pipeline, Step
+
+
+def _torchrun(processes: int, module: str, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m",
+            module, *args]
+
+
+def commands(pipe: Pipeline, step: Step) -> list[list[str]]:
+    """The commands a training, SFT or evaluation step runs here."""
+    n = pipe.cfg.cluster.local_processes
+    if step.kind == "train":
+        run = step.env["CKPT_DIR"]
+        return [_torchrun(n, "megaprolong.train", ["--config", step.env["RECIPE"], f"run.dir={run}",
+                                                   f"checkpoint.dir={run}", *step.args])]
+    if step.kind == "sft":
+        return [_torchrun(n, "megaprolong.sft", ["--config", step.env["RECIPE"], *step.args])]
+    if step.kind == "eval":
+        return pipe.eval_commands(sys.executable)
+    raise ValueError(step.kind)
+
+
+def run_local(pipe: Pipeline, say=print) -> list[str]:
+    """Run every incomplete step in order; returns the names of the steps that ran."""
+    ran = []
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    for step in pipe.steps():
+        if pipe.incomplete(step) is None:
+            say(f"{step.name}: complete (verified), skipped")
+            continue
+        say(f"== {step.name}")
+        if step.kind == "python":
+            pipe.run_python(step.name, say)
+        else:
+            for cmd in commands(pipe, step):
+                if subprocess.run(cmd, env=env).returncode:
+                    raise ConfigError(f"step {step.name}: {' '.join(cmd[:6])} ... failed (above)")
+        missing = pipe.incomplete(step)
+        if missing:
+            raise ConfigError(f"step {step.name} ended without a complete output: {missing}")
+        ran.append(step.name)
+    return ran
