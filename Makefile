@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@tools/setup_test_env.sh $(PY)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs .cache

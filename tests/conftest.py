@@ -1,14 +1,17 @@
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 sys.path.insert(0, str(Path(__file__).parent))
+REPO = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "multirank: launches several gloo ranks with torchrun (slow, runs in CI)")
 
-
-import pytest
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +45,52 @@ def tiny_chat_model(tmp_path_factory, tiny_tokenizer):
     for f in Path(tiny_tokenizer).iterdir():
         shutil.copy(f, out / f.name)
     return out
+
+
+# The tiny pipeline (tests/test_pipeline.py, and the Slurm run that must equal it in tests/test_slurm.py)
+
+def pipeline_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "megaprolong.pipeline", *map(str, args)], capture_output=True,
+                          text=True, timeout=900, cwd=cwd)
+
+
+def variant(tmp_path: Path, source: str, edit) -> Path:
+    """A copy of an example pipeline with ``edit(dict)`` applied; its relative paths made absolute."""
+    data = yaml.safe_load((REPO / "examples" / source).read_text())
+    base = REPO / "examples"
+
+    def absolute(p):
+        return p if p is None or "{raw}" in p or Path(p).is_absolute() else str((base / p).resolve())
+
+    data["root"] = str(tmp_path / "root")
+    data["base_model"] = absolute(data.get("base_model"))
+    for d in data.get("data", {}).values():
+        d["mix"] = absolute(d["mix"])
+        for inputs in d["domains"].values():
+            inputs["input"] = [absolute(p) for p in inputs["input"]]
+    for s in data["stages"]:
+        s["recipe"], s["mix"] = absolute(s["recipe"]), absolute(s.get("mix"))
+    if data.get("sft"):
+        data["sft"]["recipe"], data["sft"]["data"] = absolute(data["sft"]["recipe"]), absolute(data["sft"].get("data"))
+    edit(data)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+STAGE2_STEPS = 60  # long enough that the Slurm test's stage-2 job is cancelled mid-run, not after its end
+
+
+def longer_stage2(data: dict) -> None:
+    data["stages"][1]["overrides"] = [f"train.steps={STAGE2_STEPS}"]
+
+
+@pytest.fixture(scope="session")
+def local_tiny(tmp_path_factory):
+    """The tiny pipeline (stage 2 longer), uninterrupted, on this machine (run --local): (yaml, root, log)."""
+    folder = tmp_path_factory.mktemp("pipeline_local")
+    path = variant(folder, "pipeline_tiny.yaml", longer_stage2)
+    root = folder / "root"
+    out = pipeline_cli("run", path, "--local")
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    return path, root, out.stdout

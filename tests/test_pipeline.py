@@ -2,43 +2,13 @@
 and the tiny pipeline run on this machine (the reference the Slurm test compares with: tests/test_slurm.py)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from conftest import pipeline_cli, variant
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def pipeline_cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "megaprolong.pipeline", *map(str, args)], capture_output=True,
-                          text=True, timeout=900, cwd=cwd)
-
-
-def variant(tmp_path: Path, source: str, edit) -> Path:
-    """A copy of an example pipeline with ``edit(dict)`` applied; its relative paths made absolute."""
-    data = yaml.safe_load((REPO / "examples" / source).read_text())
-    base = REPO / "examples"
-
-    def absolute(p):
-        return p if p is None or "{raw}" in p or Path(p).is_absolute() else str((base / p).resolve())
-
-    data["root"] = str(tmp_path / "root")
-    data["base_model"] = absolute(data.get("base_model"))
-    for d in data.get("data", {}).values():
-        d["mix"] = absolute(d["mix"])
-        for inputs in d["domains"].values():
-            inputs["input"] = [absolute(p) for p in inputs["input"]]
-    for s in data["stages"]:
-        s["recipe"], s["mix"] = absolute(s["recipe"]), absolute(s.get("mix"))
-    if data.get("sft"):
-        data["sft"]["recipe"], data["sft"]["data"] = absolute(data["sft"]["recipe"]), absolute(data["sft"].get("data"))
-    edit(data)
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def test_plan_lists_every_step_and_refuses_a_stage_that_does_not_fit(tmp_path):
@@ -57,24 +27,6 @@ def test_plan_lists_every_step_and_refuses_a_stage_that_does_not_fit(tmp_path):
     broken = variant(tmp_path, "pipeline_prolong_8b.yaml", lambda d: d["stages"][1].update(data="prolong1m"))
     out = pipeline_cli("plan", broken)
     assert out.returncode == 2 and "stage stage2: data 'prolong1m' is not one of the data sets" in out.stderr
-
-
-STAGE2_STEPS = 60  # long enough that the Slurm test's stage-2 job is cancelled mid-run, not after its end
-
-
-def longer_stage2(data: dict) -> None:
-    data["stages"][1]["overrides"] = [f"train.steps={STAGE2_STEPS}"]
-
-
-@pytest.fixture(scope="session")
-def local_tiny(tmp_path_factory):
-    """The tiny pipeline (stage 2 longer), uninterrupted, on this machine (run --local): (yaml, root, log)."""
-    folder = tmp_path_factory.mktemp("pipeline_local")
-    path = variant(folder, "pipeline_tiny.yaml", longer_stage2)
-    root = folder / "root"
-    out = pipeline_cli("run", path, "--local")
-    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
-    return path, root, out.stdout
 
 
 @pytest.mark.multirank

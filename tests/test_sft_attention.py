@@ -4,7 +4,6 @@ single long prompt goes through sdpa as a causal call without a mask."""
 
 import copy
 
-import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 

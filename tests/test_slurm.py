@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from slurm_cluster import Cluster, ensure_installed
-from test_pipeline import local_tiny  # noqa: F401  (the uninterrupted pipeline the submitted one must equal)
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multirank
@@ -351,7 +350,7 @@ def test_the_tiny_pipeline_submitted_resumes_where_it_broke(cluster, tmp_path, l
     the stage-2 job cancelled mid-run fails it (the steps after it can no longer start); a second submit
     runs stage 2 onward only (the earlier steps' jobs ran once), and the final evaluation equals the
     uninterrupted pipeline's (run --local)."""
-    from test_pipeline import STAGE2_STEPS, longer_stage2, variant
+    from conftest import STAGE2_STEPS, longer_stage2, variant
 
     def edit(data):
         longer_stage2(data)  # as the uninterrupted run
