@@ -279,10 +279,12 @@ def test_no_checkpoint_verifying_stops_the_run_instead_of_restarting_the_stage(d
     assert "no checkpoint verifies" in progress(ckpt)["fatal"]["error"]  # what the batch shell reads: no requeue
 
 
-def launch_elastic(args, max_restarts=1):
-    """torchrun with in-job restarts (c10d rendezvous), 2 ranks, in its own process group."""
+def launch_elastic(args, max_restarts=1, shutdown_timeout=30):
+    """torchrun with in-job restarts (c10d rendezvous), 2 ranks, in its own process group; it SIGKILLs
+    workers that outlive its SIGTERM by ``shutdown_timeout`` seconds."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           f"--max-restarts={max_restarts}", "-m", "megaprolong.train", *args]
+           f"--max-restarts={max_restarts}", f"--shutdown-timeout={shutdown_timeout}", "-m", "megaprolong.train",
+           *args]
     return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -383,7 +385,7 @@ def test_a_hung_worker_is_found_by_the_watchdog_and_the_run_restarts(data, tmp_p
     ckpt = tmp_path / "ckpt"
     args = train_args(data, ckpt, tmp_path / "m.jsonl", "checkpoint.interval=2", "train.watchdog.warmup_steps=1",
                       "train.watchdog.floor_minutes=0.25", "train.watchdog.startup_minutes=3")
-    agent = launch_elastic(args, max_restarts=1)
+    agent = launch_elastic(args, max_restarts=1, shutdown_timeout=5)
     wait_for(lambda: progress(ckpt).get("step") == 3, agent, timeout=180)  # a step with no save after it
     victim = workers_of(agent)[-1]
     victim.suspend()
@@ -395,8 +397,8 @@ def test_a_hung_worker_is_found_by_the_watchdog_and_the_run_restarts(data, tmp_p
     assert "most recent call first" in out  # the stacks
     assert "resumed from" in out
     torch.testing.assert_close(losses(tmp_path / "m.jsonl"), want, rtol=1e-6, atol=0)
-    # 15 s budget, 30 s for torchrun to SIGKILL the stopped worker, the restart itself
-    assert elapsed < 15 + 30 + 90, elapsed
+    # 15 s budget, 5 s for torchrun to SIGKILL the stopped worker, the restart itself
+    assert elapsed < 15 + 5 + 90, elapsed
 
 
 @pytest.mark.multirank

@@ -77,7 +77,7 @@ def test_preemption_time_limit_and_failures_each_end_in_a_requeue(cluster, tmp_p
     does the same; then, after those two requeues (SLURM_RESTART_COUNT=2 > MAX_REQUEUES=1), a worker dies
     with no torchrun restarts left: a failure requeue still has its budget (preemptions do not count), and
     the run finishes every step once, each allocation resuming from the previous one's last checkpoint."""
-    steps = 70
+    steps = 40
     job, log = submit(cluster, tmp_path, steps, "tiny-preempt", MAX_RESTARTS="0", MAX_REQUEUES="1")
     rows = lambda: metrics(tmp_path)  # noqa: E731
     wait_rows(cluster, job, log, rows, 3)
@@ -145,25 +145,19 @@ SLOW = "checkpoint.interval=2 model.num_layers=8 model.hidden_size=512 model.ffn
 
 
 def test_dead_worker_restarts_in_the_job_then_a_repeated_failure_stops_it(cluster, tmp_path):
-    """The job trains, logs and checkpoints. kill -9 of one worker: torchrun restarts the workers within the
-    job, which resume and finish every step; with MAX_RESTARTS=1, a worker dying at the same step twice stops
-    the job, naming the step."""
-    ref, ref_log = submit(cluster, tmp_path / "ref", 6, "tiny-uninterrupted", SLOW)
-    assert cluster.wait(ref, timeout=400) == "COMPLETED", ref_log.read_text(errors="replace")[-3000:]
-    text = ref_log.read_text(errors="replace")
-    assert "start-up checks passed" in text and "node_check: " in text and " ok (0 GPU(s)" in text
-    assert "step     6/6" in text and "Overwriting old incomplete" not in text
-    assert [m["step"] for m in metrics(tmp_path / "ref")] == [1, 2, 3, 4, 5, 6]
-    assert (tmp_path / "ref" / "ckpt" / "step_00000006" / "megaprolong.json").exists()
-    job, log = submit(cluster, tmp_path / "a", 6, "tiny-dead-worker", SLOW, MAX_RESTARTS="1", NODE_CHECK="0")
+    """The job checks its node, trains, logs and checkpoints. kill -9 of one worker: torchrun restarts the
+    workers within the job, which resume and finish every step (their losses equal the uninterrupted run's:
+    tests/test_checkpoint.py, the same restart without Slurm); with MAX_RESTARTS=1, a worker dying at the
+    same step twice stops the job, naming the step."""
+    job, log = submit(cluster, tmp_path / "a", 6, "tiny-dead-worker", SLOW, MAX_RESTARTS="1")
     kill_one_worker_at("megaprolong.train", tmp_path / "a" / "ckpt", {"step": 4}, job, cluster, log)
     assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
     text = log.read_text(errors="replace")
-    assert "resumed from" in text and "requeueing" not in text
-    # every step's last logged loss equals the uninterrupted job's
-    want = {r["step"]: r["loss"] for r in metrics(tmp_path / "ref")}
-    got = {r["step"]: r["loss"] for r in metrics(tmp_path / "a")}
-    assert sorted(got) == list(range(1, 7)) and all(abs(got[s] - want[s]) <= 1e-6 * abs(want[s]) for s in want)
+    assert "start-up checks passed" in text and "node_check: " in text and " ok (0 GPU(s)" in text
+    assert "resumed from" in text and "requeueing" not in text and "Overwriting old incomplete" not in text
+    rows = [m["step"] for m in metrics(tmp_path / "a")]
+    assert sorted(set(rows)) == list(range(1, 7)) and rows[-1] == 6
+    assert (tmp_path / "a" / "ckpt" / "step_00000006" / "megaprolong.json").exists()
 
     job, log = submit(cluster, tmp_path / "b", 6, "tiny-repeated-failure", SLOW, MAX_RESTARTS="1", NODE_CHECK="0")
     for failed_before in (None, 3):
@@ -176,7 +170,8 @@ def test_dead_worker_restarts_in_the_job_then_a_repeated_failure_stops_it(cluste
 
 def test_sft_dead_worker_restarts_in_the_job(cluster, tmp_path, tiny_chat_model):
     """`sbatch slurm/sft.sh`: one SFT worker killed (kill -9) mid-run; torchrun restarts the workers within
-    the job, they resume from the newest checkpoint and the job finishes every step."""
+    the job, they resume from the newest checkpoint and the job finishes every step; a worker dying at the
+    same step twice stops the job, naming the step."""
     from megaprolong.data.tiny import synthetic_chats, write_jsonl
 
     chats = write_jsonl(synthetic_chats(100, seed=2), tmp_path / "chats.jsonl")
@@ -185,11 +180,6 @@ def test_sft_dead_worker_restarts_in_the_job(cluster, tmp_path, tiny_chat_model)
            "SFT_DATA": str(chats), "OUT_DIR": str(out), "GPUS_PER_NODE": "2", "PYTHON": sys.executable,
            "MASTER_PORT": "29613", "MAX_RESTARTS": "1", "NODE_CHECK": "0",
            "EXTRA_ARGS": f"train.steps={steps} train.save_steps=5"}
-    ref_log = tmp_path / "sft_ref.log"
-    ref = cluster.sbatch(str(REPO / "slurm" / "sft.sh"), "--job-name=tiny-sft-ref", "--nodes=1", "--gpus-per-node=0",
-                         "--cpus-per-task=2", f"--output={ref_log}", f"--chdir={REPO}",
-                         env={**env, "OUT_DIR": str(tmp_path / "sft_ref")})
-    assert cluster.wait(ref, timeout=400) == "COMPLETED", ref_log.read_text(errors="replace")[-3000:]
     log = tmp_path / "sft.log"
     job = cluster.sbatch(str(REPO / "slurm" / "sft.sh"), "--job-name=tiny-sft-dead", "--nodes=1",
                          "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}", f"--chdir={REPO}", env=env)
@@ -198,9 +188,8 @@ def test_sft_dead_worker_restarts_in_the_job(cluster, tmp_path, tiny_chat_model)
     assert cluster.wait(job, timeout=400) == "COMPLETED", log.read_text(errors="replace")[-3000:]
     text = log.read_text(errors="replace")
     assert "resuming from" in text and "requeueing" not in text and "fine-tuned model ->" in text
-    want = {r["step"]: r["loss"] for r in metrics(tmp_path / "sft_ref")}
-    got = {r["step"]: r["loss"] for r in metrics(out)}  # the last logged loss of each step
-    assert sorted(got) == list(range(1, steps + 1)) and all(abs(got[s] - want[s]) <= 1e-6 for s in want), (got, want)
+    # every step logged (resumed losses equal the uninterrupted run's: tests/test_sft.py, the same resume)
+    assert sorted({r["step"] for r in metrics(out)}) == list(range(1, steps + 1))
 
     # a worker dying at the same step in two attempts in a row stops the SFT job, naming the step
     out = tmp_path / "sft_repeated"
@@ -221,7 +210,7 @@ def test_sft_job_preempts_requeues_resumes_then_eval_job_scores_the_model(cluste
     from megaprolong.data.tiny import synthetic_chats, write_jsonl
 
     chats = write_jsonl(synthetic_chats(100, seed=2), tmp_path / "chats.jsonl")
-    out, steps = tmp_path / "sft", 300
+    out, steps = tmp_path / "sft", 100
     env = {"REPO": str(REPO), "RECIPE": str(REPO / "examples" / "tiny_sft.yaml"), "MODEL": str(tiny_chat_model),
            "SFT_DATA": str(chats), "OUT_DIR": str(out), "GPUS_PER_NODE": "2", "PYTHON": sys.executable,
            "MASTER_PORT": "29612", "NODE_CHECK": "0", "EXTRA_ARGS": f"train.steps={steps}"}

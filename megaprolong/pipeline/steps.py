@@ -343,7 +343,10 @@ class Pipeline:
 
         from megaprolong.data.preprocess import PreprocessConfig, preprocess
 
-        for prefix, d in self.cfg.data[name].domains.items():
+        domains = self.cfg.data[name].domains
+        if len(domains) > 1:  # megatron's index writer imported once, not in a child process per domain
+            import megatron.core.datasets.indexed_dataset  # noqa: F401
+        for prefix, d in domains.items():
             inputs = [f for p in d.input for f in (sorted(glob.glob(p)) or [p])]
             report = preprocess(PreprocessConfig(inputs=inputs, tokenizer=self.cfg.tokenizer, quiet=True,
                                                  output_prefix=str(self.data_dir(name) / prefix), add_eos=d.add_eos,
