@@ -24,9 +24,10 @@ def commands(pipe: Pipeline, step: Step) -> list[list[str]]:
     """The commands a training, SFT or evaluation step runs here."""
     n = pipe.cfg.cluster.local_processes
     if step.kind == "train":
-        run = step.env["CKPT_DIR"]
+        run, init = step.env["CKPT_DIR"], step.env.get("INIT_CKPT")
         return [_torchrun(n, "megaprolong.train", ["--config", step.env["RECIPE"], f"run.dir={run}",
-                                                   f"checkpoint.dir={run}", *step.args])]
+                                                   f"checkpoint.dir={run}", f"data.root={step.env['DATA_ROOT']}",
+                                                   *([f"checkpoint.load={init}"] if init else []), *step.args])]
     if step.kind == "sft":
         return [_torchrun(n, "megaprolong.sft", ["--config", step.env["RECIPE"], *step.args])]
     if step.kind == "eval":

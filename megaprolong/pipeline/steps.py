@@ -129,8 +129,8 @@ class Pipeline:
             needs = [f"data:{stage.data}"] + (["base"] if i == 0 and c.base_model else [])
             needs += [c.stages[i - 1].name] if i else []
             run = str(self.stage_dir(stage.name))
-            args = [f"data.mix={self.stage_mix(i)}", f"data.root={self.data_dir(stage.data)}", "data.prepare=null",
-                    *(["checkpoint.load=" + init] if init else []), *stage.overrides]
+            # data.root and checkpoint.load travel as DATA_ROOT and INIT_CKPT (the stage script's settings)
+            args = [f"data.mix={self.stage_mix(i)}", "data.prepare=null", *stage.overrides]
             out.append(Step(stage.name, "train", needs, [stage.recipe, str(self.data_dir(stage.data))] + ([init] if init else []),
                             [run], stage.nodes,
                             {"RECIPE": stage.recipe, "CKPT_DIR": run, "DATA_ROOT": str(self.data_dir(stage.data)),
@@ -280,6 +280,7 @@ class Pipeline:
 
     def fit_lines(self) -> tuple[list[str], list[str]]:
         """megaprolong-plan's fit of each stage on its nodes: (lines, problems of stages that do not fit)."""
+        from megaprolong.training.plan import fits as fits_gpu
         from megaprolong.training.plan import plan
 
         lines, problems = [], []
@@ -291,7 +292,7 @@ class Pipeline:
             except ConfigError as e:
                 problems.append(f"stage {stage.name}: {e}")
                 continue
-            fits = own.total_gib <= 0.92 * cl.gpu_mem_gib
+            fits = fits_gpu(own.total_gib, cl.gpu_mem_gib)
             days = own.step_s * cfg.train.steps / 86400
             lines.append(f"stage {stage.name}: {stage.nodes} node(s) x {cl.gpus_per_node}: TP{own.tp} PP{own.pp} CP{own.cp} "
                          f"DP{own.dp}, {own.total_gib:.1f} GiB/GPU of {cl.gpu_mem_gib:g} "

@@ -82,6 +82,11 @@ def estimate(cfg: Config, gpus: int, tp: int, pp: int, cp: int, mfu: float) -> E
     return Estimate(tp, pp, cp, dp, memory, step, t.global_batch_size * t.seq_length / step / gpus)
 
 
+def fits(total_gib: float, gpu_mem_gib: float) -> bool:
+    """Whether an estimate fits a GPU: 8% kept free for the allocator's fragmentation and NCCL's buffers."""
+    return total_gib <= 0.92 * gpu_mem_gib
+
+
 def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_mem_gib: float) -> tuple[Estimate, list[Estimate]]:
     """(estimate of the recipe's own layout, feasible layouts fastest first) on ``nodes x gpus_per_node``."""
     gpus = nodes * gpus_per_node
@@ -99,7 +104,7 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_mem_gib: float) -> tup
         except ConfigError:
             continue
         e = estimate(trial, gpus, tp, pp, cp, mfu)
-        if e.total_gib <= 0.92 * gpu_mem_gib:
+        if fits(e.total_gib, gpu_mem_gib):
             options.append(e)
     options.sort(key=lambda e: (e.step_s, e.tp * e.pp * e.cp))
     return own, options
@@ -112,9 +117,9 @@ def describe(cfg: Config, nodes: int, gpus_per_node: int, gpu_mem_gib: float) ->
              f"assumed MFU {calibrated_mfu():.1%} (calibrated on ProLong's 2.65K tok/s/GPU, 8B at 64K, H100)"]
 
     def row(e: Estimate, label: str) -> str:
-        fits = "fits" if e.total_gib <= 0.92 * gpu_mem_gib else "DOES NOT FIT"
+        verdict = "fits" if fits(e.total_gib, gpu_mem_gib) else "DOES NOT FIT"
         parts = ", ".join(f"{k} {v:.1f}" for k, v in e.memory_gib.items())
-        return (f"{label}: TP{e.tp} PP{e.pp} CP{e.cp} DP{e.dp}: {e.total_gib:.1f} GiB/GPU ({parts}) {fits}; "
+        return (f"{label}: TP{e.tp} PP{e.pp} CP{e.cp} DP{e.dp}: {e.total_gib:.1f} GiB/GPU ({parts}) {verdict}; "
                 f"~{e.step_s:.1f} s/step, ~{e.tokens_per_s_per_gpu:,.0f} tokens/s/GPU")
 
     lines.append(row(own, "recipe layout"))
