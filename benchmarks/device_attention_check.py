@@ -4,8 +4,8 @@ exists for.
 Packed sequences of several uneven documents, split for context parallelism (CP=1, 2 and 4, every rank:
 query chunks at offsets > 0 inside their documents), Llama-3-8B's head shapes (32 query heads, 8 KV heads,
 head dim 128). The reference is the exact blockwise CPU kernel in float32 on the same bf16 inputs.
-Tolerance: 1.5e-2 of max |ref| (bf16 rounding of the probabilities and the output; measured 0.004-0.007);
-a masking or offset error is O(1).
+Tolerance: the start-up self-test's, 2e-2 of max |ref| (bf16 rounding; measured on the CPU at these shapes:
+SDPA up to 0.009, the blockwise kernel up to 0.015); a masking or offset error is above 1.
 
 Negative controls, on the same problem (CP=2, rank 1): a call aligned top-left (SDPA ``is_causal`` on
 segments with more keys than queries: flash-attn < 2.1's convention) and the real kernel given keys one
@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from megaprolong.model.attention import AttentionLayout, select_kernel
+from megaprolong.model.attention.kernels import HALF_PRECISION_TOLERANCE as TOLERANCE
 from megaprolong.model.attention.kernels import expand_kv, flash_attn_available, torch_varlen_available
 from megaprolong.model.context_parallel import gathered_positions, padded_lengths, partition_index
 
 HEADS, GROUPS, DIM = 32, 8, 128
 LENGTHS = [1500, 7, 333, 2900, 64, 1]  # uneven, some shorter than 2*CP
-TOLERANCE = 1.5e-2
 
 
 def errors(run, lengths, cp: int, rank: int, device: str, dtype=torch.bfloat16, layout_of=None,
