@@ -15,6 +15,7 @@
 #   HELMET_DIR, HELMET_PYTHON, HELMET_ARGS   the HELMET checkout, its interpreter, more adapter flags
 #   BASE_RESULTS  a base model's OUT_DIR: the report shows each figure's difference from it
 #   REPORT_LENGTHS  the lengths the report averages (default ProLong's: 32768,65536,131072)
+#   LOCAL=1       run each command on this machine instead of through srun (megaprolong-pipeline run --local)
 #SBATCH --job-name=megaprolong-eval
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -51,7 +52,11 @@ done
 echo "job ${SLURM_JOB_ID:-?}: evaluating $MODEL ($SUITES) -> $OUT_DIR"
 cd "$REPO"
 mkdir -p "$OUT_DIR"
-on_node() { srun "${container[@]}" "$PYTHON" -m megaprolong.eval "$@"; }
+if [ "${LOCAL:-0}" = 1 ]; then
+  on_node() { "$PYTHON" -m megaprolong.eval "$@"; }
+else
+  on_node() { srun "${container[@]}" "$PYTHON" -m megaprolong.eval "$@"; }
+fi
 for suite in ${SUITES//,/ }; do
   echo "== $suite"
   case "$suite" in

@@ -1,7 +1,8 @@
 """``megaprolong-pipeline run --local``: the pipeline's steps in order on this machine, without Slurm.
 
-Training and SFT run under torchrun with ``cluster.local_processes`` processes; the other steps in this
-process. A step whose output is complete (it verifies) is skipped, so a second run continues where the first
+Training and SFT run under torchrun with ``cluster.local_processes`` processes, evaluation through the
+Slurm job's script ``slurm/eval.sh`` with ``LOCAL=1`` (its commands here, not through srun); the other steps
+in this process. A step whose output is complete (it verifies) is skipped, so a second run continues where the first
 stopped; a step that ends without a complete output stops the run, naming what is missing.
 """
 
@@ -12,7 +13,7 @@ import subprocess
 import sys
 
 from megaprolong.config import ConfigError
-from megaprolong.pipeline.steps import Pipeline, Step
+from megaprolong.pipeline.steps import REPO, Pipeline, Step
 
 
 def _torchrun(processes: int, module: str, args: list[str]) -> list[str]:
@@ -30,9 +31,16 @@ def commands(pipe: Pipeline, step: Step) -> list[list[str]]:
                                                    *([f"checkpoint.load={init}"] if init else []), *step.args])]
     if step.kind == "sft":
         return [_torchrun(n, "megaprolong.sft", ["--config", step.env["RECIPE"], *step.args])]
-    if step.kind == "eval":
-        return pipe.eval_commands(sys.executable)
+    if step.kind == "eval":  # the Slurm job's own script (suites, then the report), without srun: one definition
+        return [["bash", str(REPO / "slurm" / "eval.sh")]]
     raise ValueError(step.kind)
+
+
+def step_env(step: Step) -> dict:
+    """What a step's commands find in their environment beyond this process's: eval.sh's settings."""
+    if step.kind == "eval":
+        return {**step.env, "LOCAL": "1", "REPO": str(REPO), "PYTHON": sys.executable}
+    return {}
 
 
 def run_local(pipe: Pipeline, say=print) -> list[str]:
@@ -48,7 +56,7 @@ def run_local(pipe: Pipeline, say=print) -> list[str]:
             pipe.run_python(step.name, say)
         else:
             for cmd in commands(pipe, step):
-                if subprocess.run(cmd, env=env).returncode:
+                if subprocess.run(cmd, env={**env, **step_env(step)}).returncode:
                     raise ConfigError(f"step {step.name}: {' '.join(cmd[:6])} ... failed (above)")
         missing = pipe.incomplete(step)
         if missing:

@@ -170,30 +170,6 @@ class Pipeline:
             env.update(HELMET_DIR=e.helmet_dir, HELMET_PYTHON=e.helmet_python or "", HELMET_ARGS=" ".join(e.helmet_args))
         return env
 
-    def eval_commands(self, python: str) -> list[list[str]]:
-        """What slurm/eval.sh runs, as commands for this machine: each suite, then the report."""
-        e, env = self.cfg.eval, self.eval_env(self.sft_dir / "model" if self.cfg.sft else self.hf_dir)
-        model, out = env["MODEL"], self.eval_dir
-        cmds = []
-        for suite in e.suites:
-            if suite == "long":
-                from megaprolong.eval.run import EvalConfig
-
-                tasks = list(e.tasks or EvalConfig().tasks) + (["ppl"] if e.ppl_data else [])
-                cmds.append([python, "-m", "megaprolong.eval", "--model", model, "--tasks", ",".join(tasks),
-                             "--lengths", env["LENGTHS"], "--out", str(out / "long"), "--force",
-                             *(["--ppl-data", env["PPL_DATA"]] if e.ppl_data else []), *e.args])
-            elif suite == "short":
-                cmds.append([python, "-m", "megaprolong.eval", "short", "--model", model, "--out", str(out / "short"),
-                             "--force", *(["--tasks", env["SHORT_TASKS"]] if e.short_tasks else []), *e.short_args])
-            elif suite == "helmet":
-                cmds.append([python, "-m", "megaprolong.eval", "helmet", "--helmet-dir", e.helmet_dir, "--python",
-                             e.helmet_python or python, "--model", model, "--lengths", env["LENGTHS"], "--out",
-                             str(out / "helmet"), "--run", *e.helmet_args])
-        cmds.append([python, "-m", "megaprolong.eval", "report", str(out), "--out", str(out / "report"), "--lengths",
-                     env["REPORT_LENGTHS"], *(["--base", e.base_results] if e.base_results else [])])
-        return cmds
-
     def ppl_prefix(self) -> str:
         """eval.ppl_data as a dataset prefix: SET/PREFIX names one of the pipeline's datasets."""
         p = self.cfg.eval.ppl_data
