@@ -69,8 +69,9 @@ def run_step(step: Step, logs: Path) -> Outcome:
     if not why and step.marker and step.marker not in output:
         why = f"exit 0 but no {step.marker!r} in its output"
     lines = output.splitlines()
-    return Outcome(step, not why, time.monotonic() - start, why, [ln for ln in lines if ln.startswith("RESULT")],
-                   [] if not why else lines[-20:])
+    results = [ln for ln in lines if ln.startswith("RESULT")]
+    return Outcome(step, not why, time.monotonic() - start, why, results,
+                   [] if not why else [ln for ln in lines if not ln.startswith("RESULT")][-20:])
 
 
 def run_plan(title: str, steps: list[Step], out: Path, logs: Path) -> int:
@@ -130,26 +131,56 @@ def throughput_result(path: str) -> str:
             f"peak {r['cuda_peak_gib']:.1f} GiB")
 
 
+def show_failure(log: Path) -> str:
+    """Shell that prints a failed torchrun's log tail, then the worker's own error lines (torchrun's summary
+    at the end of the log names only the exit code)."""
+    return (f"tail -12 {log}; echo '-- the errors:'; grep -E '(Error|Exception|error):' {log} | "
+            f"grep -v ChildFailedError | tail -6")
+
+
+@dataclass
+class PerformancePlan:
+    """The performance command's runs. The defaults are the device run: Llama-3-8B's layer shapes (``LAYERS``
+    of them, 12 by default: with the 128K-vocabulary embedding and LM head they fit one H200 at 128K); the
+    test runs the same commands at tiny sizes on the CPU."""
+    seqs: tuple[int, ...] = (65536, 131072)
+    kernels: tuple[str, ...] = ("torch-varlen", "sdpa")
+    layers: int = int(os.environ.get("LAYERS", "12"))
+    hidden: int = 4096
+    ffn: int = 14336
+    heads: int = 32
+    groups: int = 8
+    vocab: int = 128256
+    mean_doc: int = 16384
+    loss_chunk_tokens: int = 8192
+    head_dim: int = 128
+    attention_cases: str = "65536:1,131072:1,524288:8"  # SEQ:CP; 524288:8 is one rank's share at 512K, CP=8
+    timeout_s: int = 300
+
+    def steps(self, tmp: Path) -> list[Step]:
+        steps = []
+        for seq in self.seqs:
+            for kernel in self.kernels:
+                log = tmp / f"step_{seq}_{kernel}.log"
+                run = torchrun("benchmarks/train_throughput.py", "--seq", str(seq), "--layers", str(self.layers),
+                               "--hidden", str(self.hidden), "--ffn", str(self.ffn), "--heads", str(self.heads),
+                               "--groups", str(self.groups), "--vocab", str(self.vocab), "--mean-doc",
+                               str(self.mean_doc), "--steps", "2", "--json", f"model.attention_kernel={kernel}",
+                               f"train.loss_chunk_tokens={self.loss_chunk_tokens}")
+                steps.append(Step(f"8B-shaped layers, {seq // 1024}K, {kernel}",
+                                  ["bash", "-c", f"set -e; {' '.join(run)} > {log} 2>&1 || {{ {show_failure(log)}; exit 1; }}; "
+                                   f"{PY} {__file__} throughput-result {log}"], "RESULT seq", timeout_s=self.timeout_s))
+        table = tmp / "attention_layer.txt"  # a case that failed is a row saying so: the step fails on it
+        steps.append(Step(f"one attention layer, SEQ:CP {self.attention_cases}",
+                          ["bash", "-c", f"set -e; {PY} benchmarks/attention.py --heads {self.heads} --groups "
+                           f"{self.groups} --head-dim {self.head_dim} --cases {self.attention_cases} --kernels "
+                           f"{','.join(self.kernels)} > {table}; sed 's/^/RESULT /' {table}; "
+                           f"if grep -q failed {table}; then exit 1; fi"], "RESULT", timeout_s=self.timeout_s))
+        return steps
+
+
 def performance_steps(tmp: Path) -> list[Step]:
-    layers = os.environ.get("LAYERS", "12")  # + the 128K-vocabulary embedding and LM head: fits at 128K
-    steps = []
-    for seq in (65536, 131072):
-        for kernel in ("torch-varlen", "sdpa"):
-            log = tmp / f"step_{seq}_{kernel}.log"
-            run = torchrun("benchmarks/train_throughput.py", "--seq", str(seq), "--layers", layers, "--hidden", "4096",
-                           "--ffn", "14336", "--heads", "32", "--groups", "8", "--vocab", "128256", "--mean-doc",
-                           "16384", "--steps", "2", "--json", f"model.attention_kernel={kernel}",
-                           "train.loss_chunk_tokens=8192")
-            steps.append(Step(f"8B-shaped layers, {seq // 1024}K, {kernel}",
-                              ["bash", "-c", f"set -e; {' '.join(run)} > {log} 2>&1 || {{ tail -30 {log}; exit 1; }}; "
-                               f"{PY} {__file__} throughput-result {log}"], "RESULT seq", timeout_s=300))
-    table = tmp / "attention_layer.txt"  # a case that failed is a row saying so: the step fails on it
-    steps.append(Step("one attention layer: 64K, 128K, the 512K CP=8 share",
-                      ["bash", "-c", f"set -e; {PY} benchmarks/attention.py --heads 32 --groups 8 --head-dim 128 "
-                       f"--cases 65536:1,131072:1,524288:8 --kernels torch-varlen,sdpa > {table}; "
-                       f"sed 's/^/RESULT /' {table}; if grep -q failed {table}; then exit 1; fi"], "RESULT",
-                      timeout_s=300))
-    return steps
+    return PerformancePlan().steps(tmp)
 
 
 PLANS = {"correctness": correctness_steps, "performance": performance_steps}

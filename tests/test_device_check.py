@@ -4,11 +4,14 @@
   others, and the shell wrapper passes that on.
 - The attention check's comparison passes a correct kernel in bf16 and flags its negative controls (a
   top-left causal mask, keys one position late); the SFT check flags conversations that see each other.
+- The performance command's own runs work (at tiny sizes on the CPU): each gives its RESULT line, and a
+  kernel that cannot run fails its steps, the worker's error shown.
 - The benchmark's warm-up and timed backward each have their own graph.
 - The wheel set resolves for the machine's Python 3.12 / manylinux x86-64 and brings no torch.
 """
 
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -55,6 +58,25 @@ def test_the_attention_check_passes_bf16_rounding_and_flags_its_negative_control
         assert max(check.errors(run, check.LENGTHS, cp, rank, "cpu", **shape).values()) <= check.TOLERANCE
     for control, worst in check.negative_controls(run, "cpu", **shape).items():
         assert worst > 10 * check.TOLERANCE, control
+
+
+def test_the_performance_runs_work_and_a_kernel_that_cannot_run_fails_them(tmp_path, monkeypatch):
+    import device_check as check
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    plan = check.PerformancePlan(seqs=(1024,), kernels=("sdpa", "torch-varlen"), layers=1, hidden=64, ffn=128,
+                                 heads=4, groups=2, vocab=512, mean_doc=256, loss_chunk_tokens=512, head_dim=16,
+                                 attention_cases="2048:2", timeout_s=120)
+    assert check.run_plan("performance", plan.steps(tmp_path), tmp_path / "out", tmp_path / "logs") == 1
+    summary = (tmp_path / "out" / "performance.txt").read_text()
+    assert re.search(r"PASS 8B-shaped layers, 1K, sdpa .*\n  RESULT seq 1024 sdpa: [\d,]+ tok/s/GPU, [\d.]+ TFLOPS/GPU, "
+                     r"MFU [\d.]+%, peak \S+ GiB\n", summary), summary
+    # torch-varlen needs CUDA: its training run and the attention table (a 'failed' row) fail, saying why
+    assert "FAIL 8B-shaped layers, 1K, torch-varlen" in summary
+    assert "| [rank0]: ValueError: attention kernel 'torch-varlen' needs CUDA" in summary
+    assert re.search(r"RESULT +2048 +2 +1024 sdpa +[\d.]+ +[\d.]+\n", summary)
+    assert "FAIL one attention layer, SEQ:CP 2048:2" in summary
+    assert summary.endswith("performance: 1/3 steps passed\n")
 
 
 def test_the_sft_check_judges_logits_and_gradients(tmp_path):
