@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from megaprolong.model.attention import AttentionLayout, select_kernel
-from megaprolong.model.attention.kernels import HALF_PRECISION_TOLERANCE as TOLERANCE
-from megaprolong.model.attention.kernels import expand_kv, flash_attn_available, torch_varlen_available
+from megaprolong.model.attention.kernels import (HALF_PRECISION_TOLERANCE as TOLERANCE, expand_kv,
+                                                 flash_attn_available, torch_varlen_available)
 from megaprolong.model.context_parallel import gathered_positions, padded_lengths, partition_index
 
 HEADS, GROUPS, DIM = 32, 8, 128
