@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from megaprolong.config import load_config
 from megaprolong.data.packing import make_sample
+from megaprolong.runtime.device import device
 from megaprolong.training.config import Config
 from megaprolong.training.flops import train_step_flops
 from megaprolong.training.trainer import Trainer
@@ -90,8 +91,9 @@ def main() -> None:
         flops += train_step_flops(cfg.model, [np.diff(s.cu_seqlens) for s in b])
     world = dist.get_world_size()
     # per rank: peak RSS (the process's whole life) and CPU seconds of the timed steps; max / sum over ranks
+    # on the process's device: NCCL (the GPU's process group) reduces no CPU tensor
     usage = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, time.process_time() - cpu_start],
-                         dtype=torch.float64)
+                         dtype=torch.float64, device=device())
     peaks, cpu = usage.clone(), usage.clone()
     dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     dist.all_reduce(cpu)
@@ -102,14 +104,14 @@ def main() -> None:
         kernel = trainer.attention["attention_kernel"].split(":")[0]
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
         layout = f"tp{cfg.parallel.tp} pp{cfg.parallel.pp} cp{cfg.parallel.cp} dp{dp}"
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        result = {"device": device, "kernel": kernel, "layout": layout, "seq": a.seq, "step_s": step,
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        result = {"device": device_name, "kernel": kernel, "layout": layout, "seq": a.seq, "step_s": step,
                   "tokens_per_s_per_gpu": tokens / step / world,
                   "tflops_per_gpu": flops / len(times) / step / world / 1e12, "cuda_peak_gib": mem,
                   "rss_peak_per_rank_gib": peaks[0].item() / 2**30, "cpu_s_all_ranks": cpu[1].item() / len(times)}
         print(f"\n{'device':<28} {'attention kernel':<16} {'layout':<16} {'params/rank':>12} {'seq':>7} "
               f"{'step s':>8} {'tok/s/GPU':>10} {'TFLOPS/GPU':>10} {'peak GiB':>9} {'RSS/rank GiB':>12} {'CPU s':>8}")
-        print(f"{device:<28} {kernel:<16} {layout:<16} {params / 1e6:>11.1f}M {a.seq:>7} {step:>8.3f} "
+        print(f"{device_name:<28} {kernel:<16} {layout:<16} {params / 1e6:>11.1f}M {a.seq:>7} {step:>8.3f} "
               f"{result['tokens_per_s_per_gpu']:>10,.0f} {result['tflops_per_gpu']:>10.2f} {mem:>9.1f} "
               f"{result['rss_peak_per_rank_gib']:>12.2f} {result['cpu_s_all_ranks']:>8.1f}")
         if a.json:

@@ -6,10 +6,13 @@
   top-left causal mask, keys one position late); the SFT check flags conversations that see each other.
 - The performance command's own runs work (at tiny sizes on the CPU): each gives its RESULT line, and a
   kernel that cannot run fails its steps, the worker's error shown.
+- Those runs and the SFT check need nothing that the lent machine lacks: they run under an interpreter that
+  has only the machine's packages and the carried wheels (``device_python``).
 - The benchmark's warm-up and timed backward each have their own graph.
 - The wheel set resolves for the machine's Python 3.12 / manylinux x86-64 and brings no torch.
 """
 
+import importlib.metadata
 import json
 import re
 import subprocess
@@ -17,10 +20,51 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def package_names(listing: Path) -> set[str]:
+    return {canonicalize_name(line.strip()) for line in listing.read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+
+
+@pytest.fixture(scope="module")
+def device_python(tmp_path_factory) -> str:
+    """An interpreter that imports only what the lent GPU machine has (benchmarks/device_packages.txt) and
+    what the check carries there (benchmarks/device_wheels.txt), as installed here: a venv whose
+    site-packages links those distributions and what they need here (their versions here may need other
+    packages than there; that is theirs, not ours). The repository comes by PYTHONPATH, as on the machine."""
+    wanted = package_names(REPO / "benchmarks" / "device_packages.txt") | {
+        canonicalize_name(Requirement(line).name) for line in (REPO / "benchmarks" / "device_wheels.txt").read_text()
+        .splitlines() if line.strip() and not line.startswith("#")}
+    installed = {canonicalize_name(d.metadata["Name"]): d for d in importlib.metadata.distributions()}
+    todo, linked = [n for n in wanted if n in installed], set()
+    while todo:
+        name = todo.pop()
+        if name in linked:
+            continue
+        linked.add(name)
+        for req in map(Requirement, installed[name].requires or []):
+            if canonicalize_name(req.name) in installed and (req.marker is None or req.marker.evaluate({"extra": ""})):
+                todo.append(canonicalize_name(req.name))
+    venv = tmp_path_factory.mktemp("device_python")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    for name in linked:
+        dist = installed[name]
+        for top in {Path(str(f)).parts[0] for f in dist.files or []} - {".."}:
+            if (source := Path(dist.locate_file(top))).exists() and not (site / top).exists():
+                (site / top).symlink_to(source)
+    assert "megatron-core" in linked and not linked & {"zstandard", "gigatoken", "trl", "datasets", "wandb"}
+    return str(python)
 
 
 def driver(tmp_path, steps, wrapper=False):
@@ -60,10 +104,12 @@ def test_the_attention_check_passes_bf16_rounding_and_flags_its_negative_control
         assert worst > 10 * check.TOLERANCE, control
 
 
-def test_the_performance_runs_work_and_a_kernel_that_cannot_run_fails_them(tmp_path, monkeypatch):
+def test_the_performance_runs_work_and_a_kernel_that_cannot_run_fails_them(tmp_path, monkeypatch, device_python):
     import device_check as check
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(check, "PY", device_python)  # nothing the GPU machine lacks
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
     plan = check.PerformancePlan(seqs=(1024,), kernels=("sdpa", "torch-varlen"), layers=1, hidden=64, ffn=128,
                                  heads=4, groups=2, vocab=512, mean_doc=256, loss_chunk_tokens=512, head_dim=16,
                                  attention_cases="2048:2", timeout_s=120)
@@ -79,9 +125,10 @@ def test_the_performance_runs_work_and_a_kernel_that_cannot_run_fails_them(tmp_p
     assert summary.endswith("performance: 1/3 steps passed\n")
 
 
-def test_the_sft_check_judges_logits_and_gradients(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "device_sft_attention_check.py"), "--device", "cpu",
-                          "--tokens", "4096"], capture_output=True, text=True, timeout=300, cwd=REPO)
+def test_the_sft_check_judges_logits_and_gradients(tmp_path, device_python):
+    out = subprocess.run([device_python, str(REPO / "benchmarks" / "device_sft_attention_check.py"), "--device", "cpu",
+                          "--tokens", "4096"], capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)})
     assert out.returncode == 0 and "SFT_ATTENTION_OK" in out.stdout, out.stderr[-2000:]
     assert "negative control (conversations seeing each other)" in out.stdout and "flagged" in out.stdout
 
@@ -115,14 +162,13 @@ def test_the_carried_wheels_resolve_for_the_gpu_machine(tmp_path):
     assert not [f for f in files if f.name.startswith(("torch-", "nvidia", "triton"))]  # its own torch stays
     assert all("cp312" in f.name or "py3-none" in f.name for f in files)
     assert sum(f.stat().st_size for f in files) < 32 * 2**20  # with the working tree, under the 64 MiB carried
-    on_machine = {line.strip() for line in (REPO / "benchmarks" / "device_packages.txt").read_text().splitlines()
-                  if line.strip() and not line.startswith("#")}
-    carried = {f.name.split("-")[0].replace("_", "-").lower() for f in files}
+    on_machine = package_names(REPO / "benchmarks" / "device_packages.txt")
+    carried = {canonicalize_name(f.name.split("-")[0]) for f in files}
     for f in files:
         with zipfile.ZipFile(f) as z:
             meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
         needs = [line.split(":", 1)[1].split(";")[0].strip() for line in meta.splitlines()
                  if line.startswith("Requires-Dist:") and "extra ==" not in line]
         for need in needs:
-            name = need.split()[0].split(">")[0].split("<")[0].split("=")[0].split("[")[0].replace("_", "-").lower()
-            assert name in on_machine | carried, f"{f.name} needs {need}: neither on the machine nor carried"
+            assert canonicalize_name(Requirement(need).name) in on_machine | carried, \
+                f"{f.name} needs {need}: neither on the machine nor carried"

@@ -90,8 +90,9 @@ def loss_by_hand(trainer, samples, num_domains: int):
             batch = trainer._device_batch(split_for_context_parallel(s, 1, 0, 1), rotary)
             logits = trainer.model[0](batch["tokens"], batch["position_ids"], attention_mask=None,
                                       packed_seq_params=batch["packed_seq_params"]).reshape(-1, 256).double()
-            token_loss = F.cross_entropy(logits, batch["labels"].reshape(-1), reduction="none").numpy()
-            mask, dom = batch["loss_mask"].reshape(-1).numpy() > 0, batch["domains"].reshape(-1).numpy()
+            # .cpu(): the GPU run of the device check computes this too
+            token_loss = F.cross_entropy(logits, batch["labels"].reshape(-1), reduction="none").cpu().numpy()
+            mask, dom = batch["loss_mask"].reshape(-1).cpu().numpy() > 0, batch["domains"].reshape(-1).cpu().numpy()
             for d in range(num_domains):
                 sums[d] += token_loss[mask & (dom == d)].sum()
                 counts[d] += (mask & (dom == d)).sum()
