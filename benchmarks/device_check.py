@@ -1,7 +1,8 @@
 """The GPU checks, in two commands that each fit a few minutes (with room to run again in one lease):
 
     python benchmarks/device_check.py correctness   # ~3 min: kernels = CPU reference (+ negative controls),
-                                                    #   GPU = CPU parity, document masking, SFT attention
+                                                    #   GPU = CPU parity, document masking (fp32 and bf16),
+                                                    #   SFT attention
     python benchmarks/device_check.py performance   # 8B-shaped layers at 64K / 128K (tokens/s/GPU, TFLOPS,
                                                     #   MFU, peak memory; torch varlen vs the SDPA loop), one
                                                     #   attention layer at 64K, 128K and the 512K CP=8 share
@@ -116,8 +117,11 @@ def correctness_steps(tmp: Path) -> list[Step]:
         Step("parity: the GPU run", torchrun(str(workers / "parity.py"), str(tmp / "gpu.pt"), str(tmp / "init.pt")),
              None, env=env),
         Step("parity: GPU = CPU", [PY, "-c", compare, str(tmp)], "PARITY_OK"),
-        Step("document masking on the GPU", torchrun(str(workers / "attention_checks.py")), "ATTENTION_CHECKS_OK",
-             env=env),
+        Step("document masking on the GPU (fp32: SDPA)", torchrun(str(workers / "attention_checks.py")),
+             "ATTENTION_CHECKS_OK", env=env),
+        Step("document masking on the GPU (bf16: torch varlen, the training default)",
+             torchrun(str(workers / "attention_checks.py"), "train.precision=bf16", "model.attention_kernel=torch-varlen"),
+             "ATTENTION_CHECKS_OK", env=env),
         Step("SFT attention: varlen = sdpa on a packed 64K row", [PY, "benchmarks/device_sft_attention_check.py"],
              "SFT_ATTENTION_OK", env=env),
     ]

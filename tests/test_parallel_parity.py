@@ -98,6 +98,7 @@ def assert_matches(got: dict, ref: dict, init: dict) -> None:
     assert any((ref["params"][n] - p).abs().max() > 1e-3 for n, p in init.items())
 
 
-def test_document_masking_on_packed_sequences():
-    out = torchrun("attention_checks.py", 1)
-    assert "ATTENTION_CHECKS_OK" in out
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: as the GPU check runs it (there: torch varlen)
+def test_document_masking_on_packed_sequences(precision):
+    out = torchrun("attention_checks.py", 1, f"train.precision={precision}")
+    assert "ATTENTION_CHECKS_OK" in out and f"{precision}): packed = alone" in out
