@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,17 +57,20 @@ def torchrun(*args: str) -> list[str]:
     return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", *args]
 
 
-def run_step(step: Step, logs: Path) -> Outcome:
+def run_step(step: Step, logs: Path, timeout_s: float) -> Outcome:
+    """``step`` in its own process group, so that a timeout ends all of it (torchrun's workers too: left
+    running they would hold the GPU through the next steps)."""
     log = logs / f"{step.name.replace(' ', '_')}.log"
     start = time.monotonic()
+    proc = subprocess.Popen(step.argv, cwd=step.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **step.env}, start_new_session=True)
     try:
-        proc = subprocess.run(step.argv, cwd=step.cwd, capture_output=True, text=True, timeout=step.timeout_s,
-                              env={**os.environ, **step.env})
-        output, code = proc.stdout + proc.stderr, proc.returncode
-        why = "" if code == 0 else f"exit {code}"
-    except subprocess.TimeoutExpired as e:
-        output = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        code, why = None, f"timed out after {step.timeout_s} s"
+        output, _ = proc.communicate(timeout=timeout_s)
+        why = "" if proc.returncode == 0 else f"exit {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        why = f"timed out after {timeout_s:.0f} s"
     log.write_text(output)
     if not why and step.marker and step.marker not in output:
         why = f"exit 0 but no {step.marker!r} in its output"
@@ -75,21 +80,29 @@ def run_step(step: Step, logs: Path) -> Outcome:
                    [] if not why else [ln for ln in lines if not ln.startswith("RESULT")][-20:])
 
 
-def run_plan(title: str, steps: list[Step], out: Path, logs: Path) -> int:
-    """Run every step; write ``out/<title>.txt``; 0 when all passed, else 1."""
+def run_plan(title: str, steps: list[Step], out: Path, logs: Path, budget_s: float = math.inf) -> int:
+    """Run every step within ``budget_s`` seconds in all (a step gets what is left of it, if less than its
+    own timeout; a step with nothing left fails unrun); 0 when all passed, else 1. ``out/<title>.txt`` is
+    rewritten after every step, so that a command killed from outside still brings back what it finished."""
     out.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
-    report, failed = [f"device check: {title}"], 0
-    for step in steps:
+    summary = out / f"{title}.txt"
+    report, failed, deadline = [f"device check: {title}"], 0, time.monotonic() + budget_s
+    for i, step in enumerate(steps):
+        summary.write_text("\n".join([*report, f"(running step {i + 1} of {len(steps)}: {step.name})"]) + "\n")
         print(f"== {step.name}", flush=True)
-        o = run_step(step, logs)
+        left = deadline - time.monotonic()
+        if left < 1:
+            o = Outcome(step, False, 0.0, f"not run: the command's {budget_s:.0f} s were spent", [], [])
+        else:
+            o = run_step(step, logs, min(step.timeout_s, left))
         failed += not o.ok
         line = f"{'PASS' if o.ok else 'FAIL'} {step.name} ({o.seconds:.0f} s){': ' + o.why if o.why else ''}"
         print(line, *o.results, *o.tail, sep="\n", flush=True)
         report += [line, *(f"  {r}" for r in o.results), *(f"  | {t}" for t in o.tail)]
     verdict = f"{title}: {len(steps) - failed}/{len(steps)} steps passed"
     report.append(verdict)
-    (out / f"{title}.txt").write_text("\n".join(report) + "\n")
+    summary.write_text("\n".join(report) + "\n")
     print(verdict, "DEVICE_CHECK_OK" if not failed else "DEVICE_CHECK_FAILED", flush=True)
     return 1 if failed else 0
 
@@ -196,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="which checks (custom: --steps; throughput-result FILE: a train_throughput log's RESULT)")
     ap.add_argument("file", nargs="?", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.environ.get("OUT") or "device-check", help="where the summary goes ($OUT)")
+    ap.add_argument("--budget-s", type=float, default=540,
+                    help="seconds for the whole command (default %(default)s: inside the device's 10-minute call, "
+                         "with the wheels' install); steps left when they are spent fail unrun")
     ap.add_argument("--steps", help=argparse.SUPPRESS)  # JSON [[name, marker, argv...], ...]: the driver's tests
     a = ap.parse_args(argv)
     if a.plan == "throughput-result":
@@ -206,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = [Step(name, list(cmd), marker) for name, marker, *cmd in json.loads(a.steps)]
     else:
         steps = PLANS[a.plan](tmp)
-    return run_plan(a.plan, steps, Path(a.out), tmp / "logs")
+    return run_plan(a.plan, steps, Path(a.out), tmp / "logs", a.budget_s)
 
 
 if __name__ == "__main__":

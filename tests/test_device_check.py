@@ -1,7 +1,9 @@
 """The GPU check cannot pass wrongly, and what it carries installs on the lent machine (all on the CPU).
 
 - The driver fails when any step fails (a crash, a timeout, a missing success marker), after running the
-  others, and the shell wrapper passes that on.
+  others, and the shell wrapper passes that on. It keeps the command's time budget (a late step is killed
+  with its children; the rest fail unrun) and rewrites its summary after every step, so that a command
+  killed from outside still brings back the steps it finished.
 - The attention check's comparison passes a correct kernel in bf16 and flags its negative controls (a
   top-left causal mask, keys one position late); the SFT check flags conversations that see each other.
 - The performance command's own runs work (at tiny sizes on the CPU): each gives its RESULT line, and a
@@ -14,9 +16,12 @@
 
 import importlib.metadata
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -67,11 +72,15 @@ def device_python(tmp_path_factory) -> str:
     return str(python)
 
 
-def driver(tmp_path, steps, wrapper=False):
+def driver_command(tmp_path, steps, wrapper=False, *options) -> list[str]:
     cmd = (["bash", str(REPO / "benchmarks" / "device_check.sh")] if wrapper else
            [sys.executable, str(REPO / "benchmarks" / "device_check.py")])
-    return subprocess.run([*cmd, "custom", "--out", str(tmp_path), "--steps", json.dumps(steps)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    return [*cmd, "custom", "--out", str(tmp_path), "--steps", json.dumps(steps), *options]
+
+
+def driver(tmp_path, steps, wrapper=False, *options):
+    return subprocess.run(driver_command(tmp_path, steps, wrapper, *options), capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
 
 
 def test_any_failed_step_fails_the_check(tmp_path):
@@ -89,6 +98,36 @@ def test_any_failed_step_fails_the_check(tmp_path):
     assert any(line.startswith("FAIL no marker") and "no 'MARK' in its output" in line for line in summary)
     assert summary[-1] == "custom: 2/3 steps passed"
     assert [p.name for p in tmp_path.iterdir()] == ["custom.txt"]  # only the small summary comes back
+
+
+def test_the_command_keeps_its_time_budget_and_ends_a_late_step_with_its_children(tmp_path):
+    """The device's call has a hard limit: the command ends inside its budget, a step past it killed with
+    everything it started (a torchrun's workers would hold the GPU), the steps left unrun fail."""
+    ok = ["fine", "MARK", sys.executable, "-c", "print('MARK')"]
+    orphan = tmp_path / "orphan-still-alive"
+    late = ["late", None, "bash", "-c", f"(sleep 4; touch {orphan}) & sleep 60"]
+    start = time.monotonic()
+    out = driver(tmp_path, [ok, late, ok], False, "--budget-s", "3")
+    assert out.returncode == 1 and time.monotonic() - start < 15, out.stdout
+    time.sleep(5)
+    assert not orphan.exists()  # the step's child died with it
+    summary = (tmp_path / "custom.txt").read_text().splitlines()
+    assert summary[1].startswith("PASS fine") and re.match(r"FAIL late \(\d+ s\): timed out after \d s", summary[2])
+    assert summary[3] == "FAIL fine (0 s): not run: the command's 3 s were spent"
+    assert summary[-1] == "custom: 1/3 steps passed"
+
+
+def test_a_command_killed_from_outside_leaves_the_steps_it_finished(tmp_path):
+    ok = ["fine", "MARK", sys.executable, "-c", "print('RESULT 1'); print('MARK')"]
+    slow = ["slow", None, "sleep", "60"]
+    proc = subprocess.Popen(driver_command(tmp_path, [ok, slow]), stdout=subprocess.DEVNULL, cwd=tmp_path,
+                            start_new_session=True)
+    summary, deadline = tmp_path / "custom.txt", time.monotonic() + 60
+    while "slow" not in (summary.read_text() if summary.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # as the device's call limit would
+    proc.wait()
+    assert summary.read_text().splitlines()[1:] == ["PASS fine (0 s)", "  RESULT 1", "(running step 2 of 2: slow)"]
 
 
 def test_the_attention_check_passes_bf16_rounding_and_flags_its_negative_controls():
