@@ -156,6 +156,20 @@ def test_preemption_signal_checkpoints_exits_and_resumes(data, tmp_path, uninter
 
 
 @pytest.mark.multirank
+def test_bf16_resume_continues_exactly(data, tmp_path):
+    """In the recipes' precision (bf16 weights, fp32 master weights and Adam moments in the optimizer), a run
+    resumed from its step-2 checkpoint logs the same losses as the run that went on: nothing is rounded to
+    bf16 on the way (master weights rebuilt from the bf16 weights would change every later step)."""
+    straight = train_args(data, tmp_path / "a" / "ckpt", tmp_path / "a" / "m.jsonl", "train.precision=bf16",
+                          "checkpoint.interval=2", "train.steps=4")
+    torchrun("megaprolong.train", 2, *straight)
+    resumed = train_args(data, tmp_path / "b" / "ckpt", tmp_path / "b" / "m.jsonl", "train.precision=bf16",
+                         "train.steps=4", f"checkpoint.resume={tmp_path / 'a' / 'ckpt' / 'step_00000002'}")
+    assert "weights + optimizer state" in torchrun("megaprolong.train", 2, *resumed)
+    assert losses(tmp_path / "b" / "m.jsonl") == losses(tmp_path / "a" / "m.jsonl")[2:]
+
+
+@pytest.mark.multirank
 def test_resume_under_another_layout_carries_the_optimizer_state(data, tmp_path, uninterrupted):
     """A TP=2 checkpoint (optimizer state fully reshardable) resumed with TP=1 x DP=2 (distributed optimizer
     sharded over 2 ranks) continues exactly like the uninterrupted TP=2 run."""
