@@ -298,6 +298,8 @@ def run_sft(cfg: SFTConfig, stop: Any = None) -> Path | None:
     if cfg.logging.wandb_project:
         os.environ.setdefault("WANDB_PROJECT", cfg.logging.wandb_project)
     cuda = torch.cuda.is_available()
+    if cuda:  # each process on its own GPU before anything touches CUDA (NCCL, the attention self-test)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
     if world_size > 1 and not torch.distributed.is_initialized():  # transformers then uses this group
         import datetime
 
