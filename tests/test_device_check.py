@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def package_names(listing: Path) -> set[str]:
-    return {canonicalize_name(line.strip()) for line in listing.read_text().splitlines()
+    """The distributions a list names, one requirement a line (``name`` or ``name==version``)."""
+    return {canonicalize_name(Requirement(line).name) for line in listing.read_text().splitlines()
             if line.strip() and not line.startswith("#")}
 
 
@@ -45,9 +46,8 @@ def device_python(tmp_path_factory) -> str:
     what the check carries there (benchmarks/device_wheels.txt), as installed here: a venv whose
     site-packages links those distributions and what they need here (their versions here may need other
     packages than there; that is theirs, not ours). The repository comes by PYTHONPATH, as on the machine."""
-    wanted = package_names(REPO / "benchmarks" / "device_packages.txt") | {
-        canonicalize_name(Requirement(line).name) for line in (REPO / "benchmarks" / "device_wheels.txt").read_text()
-        .splitlines() if line.strip() and not line.startswith("#")}
+    wanted = package_names(REPO / "benchmarks" / "device_packages.txt") | \
+        package_names(REPO / "benchmarks" / "device_wheels.txt")
     installed = {canonicalize_name(d.metadata["Name"]): d for d in importlib.metadata.distributions()}
     todo, linked = [n for n in wanted if n in installed], set()
     while todo:
@@ -72,14 +72,14 @@ def device_python(tmp_path_factory) -> str:
     return str(python)
 
 
-def driver_command(tmp_path, steps, wrapper=False, *options) -> list[str]:
+def driver_command(tmp_path, steps, wrapper=False, options=()) -> list[str]:
     cmd = (["bash", str(REPO / "benchmarks" / "device_check.sh")] if wrapper else
            [sys.executable, str(REPO / "benchmarks" / "device_check.py")])
     return [*cmd, "custom", "--out", str(tmp_path), "--steps", json.dumps(steps), *options]
 
 
-def driver(tmp_path, steps, wrapper=False, *options):
-    return subprocess.run(driver_command(tmp_path, steps, wrapper, *options), capture_output=True, text=True,
+def driver(tmp_path, steps, wrapper=False, options=()):
+    return subprocess.run(driver_command(tmp_path, steps, wrapper, options), capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
 
 
@@ -107,7 +107,7 @@ def test_the_command_keeps_its_time_budget_and_ends_a_late_step_with_its_childre
     orphan = tmp_path / "orphan-still-alive"
     late = ["late", None, "bash", "-c", f"(sleep 4; touch {orphan}) & sleep 60"]
     start = time.monotonic()
-    out = driver(tmp_path, [ok, late, ok], False, "--budget-s", "3")
+    out = driver(tmp_path, [ok, late, ok], options=("--budget-s", "3"))
     assert out.returncode == 1 and time.monotonic() - start < 15, out.stdout
     time.sleep(5)
     assert not orphan.exists()  # the step's child died with it
