@@ -131,6 +131,36 @@ def test_chunked_nll_equals_one_pass(model_dir):
     np.testing.assert_allclose(backend.token_nll(ids, chunk=128), whole, rtol=1e-4, atol=1e-5)
 
 
+class _PastKeyValuesModel(torch.nn.Module):
+    """transformers 5.17's forward signature (the device machine's): the KV cache is ``past_key_values``, and
+    any other keyword lands in ``**kwargs`` unused."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, past_key_values=None, use_cache=None, **unused):
+        return self.inner(input_ids, cache=past_key_values, use_cache=use_cache)
+
+
+class _CachelessModel(_PastKeyValuesModel):
+    def forward(self, input_ids, **unused):
+        return self.inner(input_ids)
+
+
+def test_chunked_nll_passes_the_cache_by_the_models_own_keyword(model_dir):
+    from megaprolong.eval.backends import TransformersBackend
+
+    backend = TransformersBackend(str(model_dir))
+    ids = torch.randint(0, 400, (700,), generator=torch.Generator().manual_seed(1)).tolist()
+    whole = backend.token_nll(ids, chunk=4096)
+    backend.model = _PastKeyValuesModel(backend.model)
+    np.testing.assert_allclose(backend.token_nll(ids, chunk=128), whole, rtol=1e-4, atol=1e-5)
+    backend.model = _CachelessModel(backend.model.inner)  # chunks without their context: refused, not scored
+    with pytest.raises(RuntimeError, match="did not use it"):
+        backend.token_nll(ids, chunk=128)
+
+
 def _eval(*args):
     return subprocess.run([sys.executable, "-m", "megaprolong.eval", *map(str, args)], capture_output=True,
                           text=True, cwd=REPO, timeout=300)

@@ -50,13 +50,27 @@ class TransformersBackend:
 
         tokens = torch.tensor([ids], device=self.device)
         cache, out = DynamicCache(), []
+        cache_keyword = _cache_keyword(self.model)
         with torch.no_grad():
             for start in range(0, len(ids) - 1, chunk):
                 piece = tokens[:, start:min(start + chunk, len(ids) - 1)]
-                logits = self.model(piece, cache=cache, use_cache=True).logits.float()
+                logits = self.model(piece, use_cache=True, **{cache_keyword: cache}).logits.float()
+                if cache.get_seq_length() != start + piece.shape[1]:  # an ignored cache: chunks without context
+                    raise RuntimeError(f"the KV cache holds {cache.get_seq_length()} tokens after "
+                                       f"{start + piece.shape[1]}: {type(self.model).__name__}.forward did not use "
+                                       f"it (keyword {cache_keyword!r}); the chunked perplexity would be wrong")
                 target = tokens[:, start + 1:start + 1 + piece.shape[1]]
                 out.append(torch.nn.functional.cross_entropy(logits[0], target[0], reduction="none").cpu())
         return torch.cat(out).numpy()
+
+
+def _cache_keyword(model) -> str:
+    """The name the model's forward takes its KV cache by: ``cache`` in newer transformers 5.x, which still
+    accepts ``past_key_values`` with a warning; ``past_key_values`` before (5.17, say), where ``cache=`` would
+    land in the catch-all keyword arguments unused."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class VLLMBackend:
