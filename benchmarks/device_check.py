@@ -1,8 +1,8 @@
 """The GPU checks, in two commands that each fit a few minutes (with room to run again in one lease):
 
-    python benchmarks/device_check.py correctness   # ~3 min: kernels = CPU reference (+ negative controls),
-                                                    #   GPU = CPU parity, document masking (fp32 and bf16),
-                                                    #   SFT attention
+    python benchmarks/device_check.py correctness   # ~3 min: the node check, kernels = CPU reference (+
+                                                    #   negative controls), GPU = CPU parity, document
+                                                    #   masking (fp32 and bf16), SFT attention
     python benchmarks/device_check.py performance   # 8B-shaped layers at 64K / 128K (tokens/s/GPU, TFLOPS,
                                                     #   MFU, peak memory; torch varlen vs the SDPA loop), one
                                                     #   attention layer at 64K, 128K and the 512K CP=8 share
@@ -123,6 +123,8 @@ def correctness_steps(tmp: Path) -> list[Step]:
     return [
         Step("environment", [PY, "-c", "import torch, megatron.core as m; print('RESULT torch', torch.__version__, "
                              "'megatron-core', m.__version__, torch.cuda.get_device_name()); print('ENV_OK')"], "ENV_OK"),
+        Step("node check, one GPU (the sbatch scripts' check of every node)",
+             [PY, "-m", "megaprolong.runtime.node_check", "--gpus", "1"], "ok (1 GPU(s)", timeout_s=200),
         Step("attention kernels vs the CPU reference", [PY, "benchmarks/device_attention_check.py"],
              "DEVICE_ATTENTION_OK", env=env),
         Step("parity: the CPU run", torchrun(str(workers / "parity.py"), str(tmp / "cpu.pt"), str(tmp / "init.pt")),

@@ -61,7 +61,9 @@ def check(gpus: int) -> str | None:
             return f"the job asked for {gpus} GPU(s), CUDA sees none ({torch.cuda.device_count()})"
         if torch.cuda.device_count() < gpus:
             return f"the job asked for {gpus} GPU(s), CUDA sees {torch.cuda.device_count()}"
-    world = max(gpus, 2)  # without GPUs: two processes, so that the all-reduce crosses processes
+    # one process per GPU (NCCL takes one rank per GPU: a second process on a 1-GPU node has no GPU of its
+    # own); without GPUs two processes, so that the all-reduce crosses processes
+    world = gpus if use_cuda else 2
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
