@@ -53,14 +53,21 @@ def _layer_params(m: ModelConfig) -> float:
     """Parameters of one decoder layer."""
     h, q, kv = m.hidden_size, m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim
     layer = h * (q + 2 * kv) + q * h + 3 * h * m.ffn_hidden_size + 2 * h
-    return layer
+    return layer + (q + 2 * kv if m.qkv_bias else 0) + (2 * m.head_dim if m.qk_norm else 0)
+
+
+def params_per_rank(m: ModelConfig, tp: int, pp: int) -> float:
+    """Parameters on the fullest rank: the first pipeline stage, its layers and the embedding; without
+    pipelining it holds the LM head (a second vocabulary matrix, unless tied) and the final norm too."""
+    vocab_matrices = 1 if pp > 1 or m.tie_embeddings else 2
+    return (_layer_params(m) * m.num_layers / pp + vocab_matrices * m.padded_vocab_size * m.hidden_size
+            + (m.hidden_size if pp == 1 else 0)) / tp
 
 
 def estimate(cfg: Config, gpus: int, tp: int, pp: int, cp: int, mfu: float) -> Estimate:
     m, t = cfg.model, cfg.train
     dp = gpus // (tp * pp * cp)
-    layer = _layer_params(m)
-    per_rank = (layer * m.num_layers / pp + m.vocab_size * m.hidden_size) / tp  # the first (or last) stage: one matrix
+    per_rank = params_per_rank(m, tp, pp)
     tokens = t.seq_length / cp / (tp if cfg.parallel.sequence_parallel else 1)
     layers_here = m.num_layers / pp
     if t.recompute == "full":
