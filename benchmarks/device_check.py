@@ -160,9 +160,12 @@ def show_failure(log: Path) -> str:
 
 @dataclass
 class PerformancePlan:
-    """The performance command's runs. The defaults are the device run: Llama-3-8B's layer shapes (12 layers:
-    with the 128K-vocabulary embedding and LM head they fit one H200 at 128K); the test runs the same commands
-    at tiny sizes on the CPU."""
+    """The performance command's runs. The defaults are the device run: Llama-3-8B's layer shapes, up to 12
+    layers with the 128K-vocabulary embedding and LM head (they fit one H200 at 128K). With ``gpu_mem_gib``
+    each length runs the most layers up to ``layers`` that the planner's estimate fits in that memory (an
+    H100's 80 GB: 8 at 64K, 5 at 128K), so that no run is lost to an out-of-memory error; the step's name
+    says the count and the estimate, beside the measured peak. The test runs the same commands at tiny
+    sizes on the CPU."""
     seqs: tuple[int, ...] = (65536, 131072)
     kernels: tuple[str, ...] = ("torch-varlen", "sdpa")
     layers: int = 12
@@ -176,18 +179,43 @@ class PerformancePlan:
     head_dim: int = 128
     attention_cases: str = "65536:1,131072:1,524288:8"  # SEQ:CP; 524288:8 is one rank's share at 512K, CP=8
     timeout_s: int = 300
+    gpu_mem_gib: float | None = None  # the GPU's memory: fewer layers where ``layers`` would not fit
+
+    def estimate_gib(self, seq: int, layers: int) -> float:
+        """The planner's per-GPU memory of one training run (megaprolong-plan's estimate, one GPU)."""
+        from megaprolong.config import load_config
+        from megaprolong.training.config import Config
+        from megaprolong.training.plan import calibrated_mfu, estimate
+
+        cfg = load_config(Config, None, [
+            f"model.num_layers={layers}", f"model.hidden_size={self.hidden}", f"model.ffn_hidden_size={self.ffn}",
+            f"model.num_attention_heads={self.heads}", f"model.num_query_groups={self.groups}",
+            f"model.vocab_size={self.vocab}", f"train.seq_length={seq}", "train.global_batch_size=1",
+            "train.micro_batch_size=1", "train.recompute=full", f"train.loss_chunk_tokens={self.loss_chunk_tokens}"])
+        return estimate(cfg, 1, 1, 1, 1, calibrated_mfu()).total_gib
+
+    def layers_for(self, seq: int) -> int:
+        """The most layers up to ``layers`` that fit ``gpu_mem_gib`` at ``seq`` (at least one)."""
+        from megaprolong.training.plan import fits
+
+        if self.gpu_mem_gib is None:
+            return self.layers
+        return next((n for n in range(self.layers, 0, -1) if fits(self.estimate_gib(seq, n), self.gpu_mem_gib)), 1)
 
     def steps(self, tmp: Path) -> list[Step]:
         steps = []
         for seq in self.seqs:
+            layers = self.layers_for(seq)
+            sized = "" if self.gpu_mem_gib is None else \
+                f" ({layers} layers: plan {self.estimate_gib(seq, layers):.0f} of {self.gpu_mem_gib:.0f} GiB)"
             for kernel in self.kernels:
                 log = tmp / f"step_{seq}_{kernel}.log"
-                run = torchrun("benchmarks/train_throughput.py", "--seq", str(seq), "--layers", str(self.layers),
+                run = torchrun("benchmarks/train_throughput.py", "--seq", str(seq), "--layers", str(layers),
                                "--hidden", str(self.hidden), "--ffn", str(self.ffn), "--heads", str(self.heads),
                                "--groups", str(self.groups), "--vocab", str(self.vocab), "--mean-doc",
                                str(self.mean_doc), "--steps", "2", "--json", f"model.attention_kernel={kernel}",
                                f"train.loss_chunk_tokens={self.loss_chunk_tokens}")
-                steps.append(Step(f"8B-shaped layers, {seq // 1024}K, {kernel}",
+                steps.append(Step(f"8B-shaped layers, {seq // 1024}K, {kernel}{sized}",
                                   ["bash", "-c", f"set -e; {' '.join(run)} > {log} 2>&1 || {{ {show_failure(log)}; exit 1; }}; "
                                    f"{PY} {__file__} throughput-result {log}"], "RESULT seq", timeout_s=self.timeout_s))
         table = tmp / "attention_layer.txt"  # a case that failed is a row saying so: the step fails on it
@@ -199,8 +227,18 @@ class PerformancePlan:
         return steps
 
 
+def gpu_memory_gib() -> float:
+    """GPU 0's memory, read in a child process (the driver holds no CUDA context while the steps run)."""
+    out = subprocess.run([PY, "-c", "import torch; print(torch.cuda.get_device_properties(0).total_memory)"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return int(out.stdout.split()[-1]) / 2**30
+
+
 def performance_steps(tmp: Path) -> list[Step]:
-    return PerformancePlan(layers=int(os.environ.get("LAYERS", "12"))).steps(tmp)
+    """The device run; ``LAYERS=N`` runs N layers at every length, unfitted."""
+    if os.environ.get("LAYERS"):
+        return PerformancePlan(layers=int(os.environ["LAYERS"])).steps(tmp)
+    return PerformancePlan(gpu_mem_gib=gpu_memory_gib()).steps(tmp)
 
 
 PLANS = {"correctness": correctness_steps, "performance": performance_steps}

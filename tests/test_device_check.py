@@ -164,6 +164,24 @@ def test_the_performance_runs_work_and_a_kernel_that_cannot_run_fails_them(tmp_p
     assert summary.endswith("performance: 1/3 steps passed\n")
 
 
+def test_the_performance_runs_fit_the_gpus_memory(tmp_path):
+    """On an H100 (80 GB) the 8B-shaped runs take as many layers as the planner fits, not the H200's 12 (an
+    out-of-memory error would lose the step); on an H200 all 12."""
+    import device_check as check
+    from megaprolong.training.plan import fits
+
+    h100, h200 = 81559 / 1024, 143771 / 1024  # GiB, as nvidia-smi reports the lent machines
+    plan = check.PerformancePlan(gpu_mem_gib=h100)
+    for seq in plan.seqs:
+        n = plan.layers_for(seq)
+        assert 1 <= n < plan.layers and fits(plan.estimate_gib(seq, n), h100)
+        assert not fits(plan.estimate_gib(seq, n + 1), h100)
+        assert any(f"--layers {n} " in " ".join(s.argv) and f"({n} layers: plan" in s.name
+                   for s in plan.steps(tmp_path) if f"--seq {seq} " in " ".join(s.argv))
+    assert plan.layers_for(131072) < plan.layers_for(65536)
+    assert [check.PerformancePlan(gpu_mem_gib=h200).layers_for(seq) for seq in plan.seqs] == [12, 12]
+
+
 def test_the_sft_check_judges_logits_and_gradients(tmp_path, device_python):
     out = subprocess.run([device_python, str(REPO / "benchmarks" / "device_sft_attention_check.py"), "--device", "cpu",
                           "--tokens", "4096"], capture_output=True, text=True, timeout=300, cwd=REPO,
