@@ -217,6 +217,17 @@ def fsdp_settings(cfg: SFTConfig) -> dict:
             "state_dict_type": "FULL_STATE_DICT"}
 
 
+def checkpointing_arguments(arguments_class: type, enabled: bool) -> dict:
+    """Activation checkpointing (non-reentrant), by the names the installed transformers' ``TrainingArguments``
+    has: ``activation_checkpointing`` and its ``_kwargs`` since 5.23 (the old names kept as deprecated aliases),
+    ``gradient_checkpointing`` and its ``_kwargs`` before (the new names there are a TypeError)."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(arguments_class)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
+
+
 def training_arguments(cfg: SFTConfig, world_size: int, cuda: bool) -> Any:
     """TRL's SFTConfig for the recipe: padding-free batches of our pre-packed rows."""
     import trl
@@ -242,8 +253,7 @@ def training_arguments(cfg: SFTConfig, world_size: int, cuda: bool) -> Any:
         bf16=bf16,
         use_cpu=not cuda,
         ddp_backend="gloo" if not cuda and world_size > 1 else None,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(trl.SFTConfig, t.gradient_checkpointing),
         fsdp="full_shard auto_wrap" if fsdp else "",
         fsdp_config=fsdp_settings(cfg) if fsdp else None,
         # Our rows are already tokenized, masked and packed: TRL only collates them (padding-free).
