@@ -140,7 +140,8 @@ class _PastKeyValuesModel(torch.nn.Module):
         self.inner = model
 
     def forward(self, input_ids, past_key_values=None, use_cache=None, **unused):
-        return self.inner(input_ids, cache=past_key_values, use_cache=use_cache)
+        # the cache is the fourth parameter of transformers' forward under either name
+        return self.inner(input_ids, None, None, past_key_values, use_cache=use_cache)
 
 
 class _CachelessModel(_PastKeyValuesModel):
