@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+# The oldest transformers the suite runs (tests/test_transformers_floor.py; also the GPU test machine's).
+TRANSFORMERS = "transformers>=5.17"
+
 setup(
     name="megaprolong",
     version="0.1.0",
@@ -27,15 +30,15 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "mpi": ["mpi4py"],
-        "hf": ["transformers>=5", "safetensors"],
+        "hf": [TRANSFORMERS, "safetensors"],
         # The HF stages: SFT (TRL on transformers, FSDP2 via accelerate) and evaluation (plots).
-        "sft": ["transformers>=5", "trl>=1.16", "accelerate", "datasets", "safetensors"],
-        "eval": ["transformers>=5", "matplotlib"],
+        "sft": [TRANSFORMERS, "trl>=1.16", "accelerate", "datasets", "safetensors"],
+        "eval": [TRANSFORMERS, "matplotlib"],
         # the short-context suite (megaprolong-eval short): EleutherAI's lm-evaluation-harness and its hf model
         "lmeval": ["lm-eval>=0.4.13,<0.5", "accelerate"],
         # monitoring: TensorBoard event files and W&B runs (logging.tensorboard_dir, logging.wandb_project)
         "monitor": ["tensorboard", "wandb"],
-        "dev": ["pytest", "pytest-timeout", "transformers>=5", "safetensors", "trl>=1.16", "accelerate", "datasets",
+        "dev": ["pytest", "pytest-timeout", TRANSFORMERS, "safetensors", "trl>=1.16", "accelerate", "datasets",
                 "matplotlib", "tensorboard", "wandb", "lm-eval>=0.4.13,<0.5"],
     },
     entry_points={

@@ -245,29 +245,6 @@ def test_fsdp_wraps_each_familys_own_decoder_layer(tmp_path, family):
     assert fsdp_settings(SFTConfig(model=str(tmp_path)))["transformer_layer_cls_to_wrap"] == [want]
 
 
-def test_activation_checkpointing_is_asked_by_the_installed_transformers_names(tmp_path):
-    """transformers 5.23 renamed ``gradient_checkpointing(_kwargs)`` to ``activation_checkpointing(_kwargs)``;
-    before it (5.17, say: the GPU machine's) the new names are a TypeError. Both spellings arrive as
-    non-reentrant checkpointing, here and in a class with only the old fields."""
-    import dataclasses
-
-    import trl
-
-    from megaprolong.sft.run import checkpointing_arguments
-
-    args = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False,
-                         **checkpointing_arguments(trl.SFTConfig, True))
-    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
-
-    @dataclasses.dataclass
-    class Before523:  # the two fields as transformers 5.17's TrainingArguments declares them
-        gradient_checkpointing: bool = False
-        gradient_checkpointing_kwargs: dict | None = None
-
-    old = Before523(**checkpointing_arguments(Before523, True))
-    assert old.gradient_checkpointing and old.gradient_checkpointing_kwargs == {"use_reentrant": False}
-
-
 def test_packing_starts_a_new_sequence_when_a_conversation_does_not_fit():
     from megaprolong.sft.chat import IGNORE
     from megaprolong.sft.data import Conversation, DataReport, plan_packing, truncate
