@@ -65,9 +65,9 @@ class TransformersBackend:
 
 
 def _cache_keyword(model) -> str:
-    """The name the model's forward takes its KV cache by: ``cache`` in newer transformers 5.x, which still
-    accepts ``past_key_values`` with a warning; ``past_key_values`` before (5.17, say), where ``cache=`` would
-    land in the catch-all keyword arguments unused."""
+    """The name the model's forward takes its KV cache by: ``cache`` since transformers 5.24 (which still
+    accepts ``past_key_values`` with a warning); ``past_key_values`` before, where ``cache=`` lands in the
+    catch-all keyword arguments, unused."""
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
