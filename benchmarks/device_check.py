@@ -11,7 +11,8 @@
 whose exit code and success marker are both checked: a step that crashes, times out, or ends without its
 marker fails, and any failed step makes the command exit 1 after the others ran. Only small text comes back:
 ``$OUT/<command>.txt`` (each step PASS / FAIL, its ``RESULT`` lines, the tail of a failed step's log); full
-logs and tensors stay in a temporary folder.
+logs and tensors stay in a temporary folder, removed when every step passed and kept (its path printed) when
+one failed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         steps = [Step(name, list(cmd), marker) for name, marker, *cmd in json.loads(a.steps)]
     else:
         steps = PLANS[a.plan](tmp)
-    return run_plan(a.plan, steps, Path(a.out), tmp / "logs", a.budget_s)
+    rc = run_plan(a.plan, steps, Path(a.out), tmp / "logs", a.budget_s)
+    if rc == 0:
+        shutil.rmtree(tmp)  # the tensors of the parity runs are large; nothing there is needed any more
+    else:
+        print(f"the steps' full logs: {tmp / 'logs'}", flush=True)
+    return rc
 
 
 if __name__ == "__main__":

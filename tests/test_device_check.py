@@ -78,21 +78,29 @@ def driver_command(tmp_path, steps, wrapper=False, options=()) -> list[str]:
     return [*cmd, "custom", "--out", str(tmp_path), "--steps", json.dumps(steps), *options]
 
 
-def driver(tmp_path, steps, wrapper=False, options=()):
+def driver(tmp_path, steps, wrapper=False, options=(), scratch=None):
+    """The driver run on ``steps``, its temporary folder made under ``scratch`` (default: a folder beside
+    ``tmp_path``, so that a test's leftovers are pytest's to clean)."""
+    scratch = scratch or tmp_path.parent / f"{tmp_path.name}-scratch"
+    scratch.mkdir(exist_ok=True)
     return subprocess.run(driver_command(tmp_path, steps, wrapper, options), capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+                          timeout=120, cwd=tmp_path, env={**os.environ, "TMPDIR": str(scratch)})
 
 
 def test_any_failed_step_fails_the_check(tmp_path):
     ok = ["fine", "MARK", sys.executable, "-c", "print('RESULT 1'); print('MARK')"]
     crash = ["crashes", None, sys.executable, "-c", "import sys; sys.exit(3)"]
     silent = ["no marker", "MARK", sys.executable, "-c", "print('all good?')"]
-    assert driver(tmp_path, [ok]).returncode == 0
+    scratch = tmp_path.parent / "scratch"
+    assert driver(tmp_path, [ok], scratch=scratch).returncode == 0
+    assert not any(scratch.iterdir())  # all passed: its temporary folder is gone
     for bad in (crash, silent):
         for wrapper in (False, True):
-            out = driver(tmp_path, [ok, bad, ok], wrapper)
+            out = driver(tmp_path, [ok, bad, ok], wrapper, scratch=scratch)
             assert out.returncode == 1, (bad[0], wrapper, out.stdout[-1000:], out.stderr[-1000:])
             assert "DEVICE_CHECK_FAILED" in out.stdout and "DEVICE_CHECK_OK" not in out.stdout
+            kept = Path(re.search(r"the steps' full logs: (\S+)", out.stdout)[1])
+            assert kept.parent.parent == scratch and (kept / f"{bad[0].replace(' ', '_')}.log").exists()
     summary = (tmp_path / "custom.txt").read_text().splitlines()
     assert summary[1].startswith("PASS fine") and "  RESULT 1" in summary
     assert any(line.startswith("FAIL no marker") and "no 'MARK' in its output" in line for line in summary)
@@ -121,7 +129,7 @@ def test_a_command_killed_from_outside_leaves_the_steps_it_finished(tmp_path):
     ok = ["fine", "MARK", sys.executable, "-c", "print('RESULT 1'); print('MARK')"]
     slow = ["slow", None, "sleep", "60"]
     proc = subprocess.Popen(driver_command(tmp_path, [ok, slow]), stdout=subprocess.DEVNULL, cwd=tmp_path,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "TMPDIR": str(tmp_path.parent)})
     summary, deadline = tmp_path / "custom.txt", time.monotonic() + 60
     while "slow" not in (summary.read_text() if summary.exists() else "") and time.monotonic() < deadline:
         time.sleep(0.2)
