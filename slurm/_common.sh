@@ -12,7 +12,7 @@
 #   USR1_GRACE     seconds after the time-limit warning (USR1) by which the job requeues itself, whatever the
 #                  workers do (default 480: before Slurm's kill at the limit, with --signal=B:USR1@600)
 #   TERM_GRACE     the same after SIGTERM (preemption), and torchrun's --shutdown-timeout (default 120;
-#                  keep it below the site's GraceTime / KillWait)
+#                  keep it below the site's GraceTime / KillWait; torch < 2.12's torchrun has a fixed 30 s)
 #   PROGRESS_DIR   where the run keeps its records (the checkpoint dir; set by the stage scripts)
 #   RUN_DIR        the run's folder (logs/ there: NCCL's flight records); default PROGRESS_DIR
 #
@@ -83,7 +83,8 @@ run_torchrun() {
 
   # 3. Train. USR1 (time-limit warning) and TERM (preemption) ask for a checkpoint, then a requeue. Slurm
   #    also sends TERM to torchrun, which passes it on: give the workers TERM_GRACE to finish (torchrun's
-  #    --shutdown-timeout, read from the environment by the torch versions that have it).
+  #    --shutdown-timeout, read from the environment by torch >= 2.12; older torch gives a fixed 30 s, and
+  #    rank 0 warns when TERM_GRACE asks for more).
   export PET_SHUTDOWN_TIMEOUT=$TERM_GRACE TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$TERM_GRACE
   stop_signal="" deadline=""
   trap 'on_stop_signal USR1 "$module"' USR1

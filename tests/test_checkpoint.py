@@ -295,12 +295,34 @@ def test_no_checkpoint_verifying_stops_the_run_instead_of_restarting_the_stage(d
 
 def launch_elastic(args, max_restarts=1, shutdown_timeout=30):
     """torchrun with in-job restarts (c10d rendezvous), 2 ranks, in its own process group; it SIGKILLs
-    workers that outlive its SIGTERM by ``shutdown_timeout`` seconds."""
+    workers that outlive its SIGTERM by ``shutdown_timeout`` seconds (asked as the sbatch scripts ask: by
+    the environment, which torch < 2.12 ignores for a fixed 30 s instead of refusing an unknown flag)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           f"--max-restarts={max_restarts}", f"--shutdown-timeout={shutdown_timeout}", "-m", "megaprolong.train",
-           *args]
-    return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+           f"--max-restarts={max_restarts}", "-m", "megaprolong.train", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(shutdown_timeout))
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_a_torchrun_without_a_shutdown_setting_is_named_when_the_grace_asked_exceeds_its_30_s(monkeypatch):
+    """torch < 2.12's torchrun SIGKILLs 30 s after SIGTERM whatever TERM_GRACE asks: rank 0 warns."""
+    import dataclasses
+
+    from torch.distributed.launcher import api
+
+    from megaprolong.runtime.preemption import torchrun_grace_warning
+
+    launch = {"TORCHELASTIC_RUN_ID": "r", "RANK": "0", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
+    has_setting = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 12)
+    assert (torchrun_grace_warning(launch) is None) == has_setting
+    old = dataclasses.make_dataclass("LaunchConfig", [f.name for f in dataclasses.fields(api.LaunchConfig)
+                                                      if f.name != "shutdown_timeout"])
+    monkeypatch.setattr(api, "LaunchConfig", old)
+    message = torchrun_grace_warning(launch)
+    assert message and "30 s" in message and "120 s" in message
+    assert torchrun_grace_warning(dict(launch, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="30")) is None
+    assert torchrun_grace_warning(dict(launch, RANK="1")) is None  # one line per launch, not per rank
+    assert torchrun_grace_warning({k: v for k, v in launch.items() if k != "TORCHELASTIC_RUN_ID"}) is None
 
 
 def kill_one_worker(agent: subprocess.Popen) -> list[int]:

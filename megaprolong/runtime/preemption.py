@@ -7,7 +7,8 @@ What asks for a stop:
   shell.
 - **SIGTERM**: preemption (Slurm's default signal for it) and the time limit itself. Slurm sends it to every
   process of the job, torchrun's agent included, which passes it on and gives its workers
-  ``--shutdown-timeout`` seconds before SIGKILL. But the agent also sends SIGTERM when it tears the
+  ``--shutdown-timeout`` seconds before SIGKILL (torch >= 2.12; before, a fixed 30 s, and rank 0 warns
+  when more is asked: :func:`torchrun_grace_warning`). But the agent also sends SIGTERM when it tears the
   workers down because a peer died; then the step can never complete and the worker must exit at once.
   The two are told apart by the STOP flag below, which the batch shell writes the moment Slurm signals
   it: a worker that gets SIGTERM waits up to ``STOP_FLAG_WAIT_S`` for the flag; with it, it stops after
@@ -29,8 +30,10 @@ import json
 import os
 import select
 import signal
+import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 STOP = "STOP"
@@ -68,6 +71,33 @@ def remove_stale_stop_flag(folder: str | Path | None) -> None:
         (Path(folder) / STOP).unlink(missing_ok=True)
 
 
+TORCHRUN_FIXED_GRACE_S = 30  # what torchrun's agent waits before SIGKILL where it has no setting for it
+
+
+def torchrun_grace_warning(environ: Mapping[str, str] = os.environ) -> str | None:
+    """On rank 0 of a torchrun launch: why its workers cannot have the seconds after SIGTERM that
+    ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` asks for (the sbatch scripts set it to TERM_GRACE), if so.
+
+    torch 2.12 gave torchrun ``--shutdown-timeout``, read from that variable when not given; before, its
+    agent kills the workers 30 s after passing SIGTERM on, whatever is asked. A stop that needs longer (the
+    current step, then the checkpoint) is then lost: the run resumes from the checkpoint before.
+    """
+    import dataclasses
+
+    asked = environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "")
+    if "TORCHELASTIC_RUN_ID" not in environ or environ.get("RANK") != "0" or not asked.isdigit():
+        return None
+    import torch
+    from torch.distributed.launcher.api import LaunchConfig
+
+    if int(asked) <= TORCHRUN_FIXED_GRACE_S or "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)}:
+        return None
+    return (f"torch {torch.__version__}'s torchrun kills the workers {TORCHRUN_FIXED_GRACE_S} s after passing SIGTERM "
+            f"on, not the {asked} s asked (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, TERM_GRACE in the sbatch scripts; "
+            f"torch >= 2.12 has the setting): on a preemption, a step and its checkpoint that take longer are "
+            f"lost, and the run resumes from the checkpoint before")
+
+
 class StopRequest:
     """Signal handlers and the STOP flag; :meth:`agreed` is the per-step collective decision."""
 
@@ -78,6 +108,8 @@ class StopRequest:
         signal.signal(signal.SIGUSR1, self._handler)
         signal.signal(signal.SIGTERM, self._handler)
         self._read_fd = None
+        if (warning := torchrun_grace_warning()) is not None:
+            print(f"megaprolong: warning: {warning}", file=sys.stderr, flush=True)
         if elastic:  # SIGTERM may be the agent's teardown: decide at once in a thread woken by the signal
             self._read_fd, write_fd = os.pipe()
             os.set_blocking(write_fd, False)
