@@ -48,7 +48,9 @@ def device_python(tmp_path_factory) -> str:
     packages than there; that is theirs, not ours). The repository comes by PYTHONPATH, as on the machine."""
     wanted = package_names(REPO / "benchmarks" / "device_packages.txt") | \
         package_names(REPO / "benchmarks" / "device_wheels.txt")
-    installed = {canonicalize_name(d.metadata["Name"]): d for d in importlib.metadata.distributions()}
+    installed = {}
+    for d in importlib.metadata.distributions():  # in sys.path order: the first of a name is the one imported
+        installed.setdefault(canonicalize_name(d.metadata["Name"]), d)
     todo, linked = [n for n in wanted if n in installed], set()
     while todo:
         name = todo.pop()

@@ -228,6 +228,27 @@ def checkpointing_arguments(arguments_class: type, enabled: bool) -> dict:
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
 
 
+_indexed_cpu_registered = False
+
+
+def load_indexed_cpu_locations(transformers_version: str) -> None:
+    """transformers < 5.18 resumes a multi-process run with ``torch.load(optimizer.pt,
+    map_location=args.device)``, and on CPU ranks that device is ``cpu:N``, a location torch has no
+    deserializer for ("don't know how to restore data location ... (tagged with cpu:0)"): every resumed
+    multi-process CPU run failed. There, register one in torch's public registry of storage locations (it
+    tags nothing on save). 5.18 loads to plain ``cpu`` instead."""
+    global _indexed_cpu_registered
+    from packaging.version import Version
+
+    if _indexed_cpu_registered or Version(transformers_version) >= Version("5.18"):
+        return
+    import torch
+
+    torch.serialization.register_package(100, lambda storage: None,
+                                         lambda storage, location: storage if location.startswith("cpu:") else None)
+    _indexed_cpu_registered = True
+
+
 def training_arguments(cfg: SFTConfig, world_size: int, cuda: bool) -> Any:
     """TRL's SFTConfig for the recipe: padding-free batches of our pre-packed rows."""
     import trl
@@ -365,6 +386,7 @@ def run_sft(cfg: SFTConfig, stop: Any = None) -> Path | None:
                                     _completion_callback()])
     if last:
         say(f"resuming from {last}")
+        load_indexed_cpu_locations(transformers.__version__)
     try:
         trainer.train(resume_from_checkpoint=str(last) if last else None)
     except BaseException as e:
