@@ -2,8 +2,10 @@
 
 from setuptools import find_packages, setup
 
-# The oldest transformers the suite runs (tests/test_transformers_floor.py; also the GPU test machine's).
-TRANSFORMERS = "transformers>=5.17"
+# The oldest releases the suite runs (tests/test_oldest_stack.py): the GPU test machine's torch and transformers.
+TORCH_FLOOR = "2.11"
+TRANSFORMERS_FLOOR = "5.17"
+TRANSFORMERS = f"transformers>={TRANSFORMERS_FLOOR}"
 
 setup(
     name="megaprolong",
@@ -12,8 +14,10 @@ setup(
     python_requires=">=3.12",
     packages=find_packages(include=["megaprolong", "megaprolong.*"]),  # tools/ holds scripts, not a package
     install_requires=[
-        # NVIDIA's containers bring their own torch: a range, never a pin (constraints.txt pins for CI).
-        "torch>=2.6",
+        # NVIDIA's containers bring their own torch, versioned as a pre-release of the release it precedes
+        # (2.11.0a0+<commit>.nv26.xx): the floor admits those, so that pip keeps it. A range, never a pin
+        # (constraints.txt pins for CI).
+        f"torch>={TORCH_FLOOR}.0a0",
         "megatron-core>=0.19,<0.20",
         "numpy",
         "pyyaml",

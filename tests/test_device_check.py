@@ -71,6 +71,9 @@ def device_python(tmp_path_factory) -> str:
             if (source := Path(dist.locate_file(top))).exists() and not (site / top).exists():
                 (site / top).symlink_to(source)
     assert "megatron-core" in linked and not linked & {"zstandard", "gigatoken", "trl", "datasets", "wandb"}
+    seen = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True,
+                          timeout=300, env={"PATH": "/usr/bin:/bin"})
+    assert seen.stdout.split()[-1:] == [torch.__version__], seen.stderr[-1000:]  # this process's torch
     return str(python)
 
 

@@ -145,7 +145,7 @@ class _CachelessModel(torch.nn.Module):
 
 def test_chunked_nll_refuses_a_model_that_ignores_the_cache(model_dir):
     """Chunks scored without their context would look like a model that forgets: refused, not scored. (The
-    cache's keyword under an older transformers: tests/test_transformers_floor.py.)"""
+    cache's keyword under an older transformers: tests/test_oldest_stack.py.)"""
     from megaprolong.eval.backends import TransformersBackend
 
     backend = TransformersBackend(str(model_dir))
