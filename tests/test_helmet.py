@@ -187,12 +187,14 @@ def test_refused_before_running(tmp_path, tiny_chat_model, helmet_python):
     assert run.returncode == 2 and "'gpt'" in run.stderr and "API" in run.stderr
     run = helmet_cli("--model", tiny_chat_model, "--python", helmet_python, *common, "--categories", "nosuch")
     assert run.returncode == 2 and "unknown nosuch" in run.stderr
-    try:
-        import rouge_score  # noqa: F401
-        pytest.skip("this interpreter has rouge_score: the missing-package message needs one without it")
-    except ImportError:
-        pass
-    run = helmet_cli("--model", tiny_chat_model, "--python", sys.executable, *common)
+    # an interpreter without rouge_score: a package in front of the installed one that fails as a missing one does
+    hidden = tmp_path / "hidden" / "rouge_score"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'rouge_score'\", name='rouge_score')\n")
+    without = tmp_path / "python-without-rouge"
+    without.write_text(f"#!/bin/sh\nPYTHONPATH={hidden.parent}${{PYTHONPATH:+:$PYTHONPATH}} exec {sys.executable} \"$@\"\n")
+    without.chmod(0o755)
+    run = helmet_cli("--model", tiny_chat_model, "--python", without, *common)
     assert run.returncode == 2 and "cannot import 'rouge_score'" in run.stderr and "pip install rouge-score" in run.stderr
 
 
