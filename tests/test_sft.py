@@ -348,6 +348,7 @@ def _sft(nproc: int, chat_model, chats, out: Path, *extra: str) -> list[dict]:
                               cwd=REPO, timeout=300)
         assert proc.returncode == 0, proc.stderr[-4000:]
         stdout = proc.stdout
+    assert "outlives the run" not in stdout  # the wrapped model freed before the process group goes
     wanted = next((a.split("=", 1)[1] for a in extra if a.startswith("train.attn_implementation=")), "sdpa")
     line = next(line for line in stdout.splitlines() if "[sft r0] attention " in line)
     assert f"[sft r0] attention {wanted}" in line and line.endswith("chat format llama3"), line

@@ -398,5 +398,24 @@ def run_sft(cfg: SFTConfig, stop: Any = None) -> Path | None:
     if lock is not None and not preempted:
         lock.release()
     if torch.distributed.is_initialized():
+        release_wrapped_model(trainer)
         torch.distributed.destroy_process_group()  # else gloo aborts the process at interpreter exit
     return out
+
+
+def release_wrapped_model(trainer: Any) -> None:
+    """Free the DDP-wrapped model while torch.distributed still holds its process group. DDP's C++ reducer
+    holds the group too: were it the last holder (the group destroyed, then the trainer freed as this
+    function's caller returns), the group would be torn down inside the reducer's deallocation with the GIL
+    held, joining gloo's worker threads, one of which may still need the GIL to release a finished
+    collective's tensors. That deadlock (torch 2.11: a rank hung at exit after a preemption's checkpoint, in
+    about 1 of 4 runs) held the node until the batch shell's requeue deadline."""
+    import gc
+    import weakref
+
+    wrapped = weakref.ref(trainer.model_wrapped)
+    trainer.model_wrapped = trainer.model  # the only holder of the DDP module (accelerate keeps the bare model)
+    gc.collect()
+    if (left := wrapped()) is not None and left is not trainer.model:
+        get_logger("sft").warning(f"the wrapped model ({type(left).__name__}) outlives the run: a reference is "
+                                  f"left, and the process group's teardown may hang")
