@@ -1,8 +1,9 @@
 """The GPU checks, in two commands that each fit a few minutes (with room to run again in one lease):
 
-    python benchmarks/device_check.py correctness   # ~3 min: the node check, kernels = CPU reference (+
+    python benchmarks/device_check.py correctness   # ~4 min: the node check, kernels = CPU reference (+
                                                     #   negative controls), GPU = CPU parity, document
-                                                    #   masking (fp32 and bf16), SFT attention
+                                                    #   masking (fp32 and bf16), SFT attention, and
+                                                    #   megaprolong.train itself (checkpoints, a resume)
     python benchmarks/device_check.py performance   # 8B-shaped layers at 64K / 128K (tokens/s/GPU, TFLOPS,
                                                     #   MFU, peak memory; torch varlen vs the SDPA loop), one
                                                     #   attention layer at 64K, 128K and the 512K CP=8 share
@@ -142,6 +143,8 @@ def correctness_steps(tmp: Path) -> list[Step]:
              "ATTENTION_CHECKS_OK", env=env),
         Step("SFT attention: varlen = sdpa on a packed 64K row", [PY, "benchmarks/device_sft_attention_check.py"],
              "SFT_ATTENTION_OK", env=env),
+        Step("megaprolong.train on the GPU (tiny recipe, bf16, full recompute): checkpoints, a resume = the straight run",
+             [PY, "benchmarks/device_train_resume.py", str(tmp / "train")], "TRAIN_RESUME_OK", timeout_s=400, env=env),
     ]
 
 

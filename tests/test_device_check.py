@@ -8,8 +8,9 @@
   top-left causal mask, keys one position late); the SFT check flags conversations that see each other.
 - The performance command's own runs work (at tiny sizes on the CPU): each gives its RESULT line, and a
   kernel that cannot run fails its steps, the worker's error shown.
-- Those runs and the SFT check need nothing that the lent machine lacks: they run under an interpreter that
-  has only the machine's packages and the carried wheels (``device_python``).
+- Those runs, the SFT check and the product's own run (megaprolong.train, checkpoints and a resume) need
+  nothing that the lent machine lacks: they run under an interpreter that has only the machine's packages
+  and the carried wheels (``device_python``).
 - The benchmark's warm-up and timed backward each have their own graph.
 - The wheel set resolves for the machine's Python 3.12 / manylinux x86-64 and brings no torch.
 """
@@ -201,6 +202,17 @@ def test_the_sft_check_judges_logits_and_gradients(tmp_path, device_python):
                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)})
     assert out.returncode == 0 and "SFT_ATTENTION_OK" in out.stdout, out.stderr[-2000:]
     assert "negative control (conversations seeing each other)" in out.stdout and "flagged" in out.stdout
+
+
+def test_the_product_run_and_its_resume_need_nothing_the_gpu_machine_lacks(tmp_path, device_python):
+    """The correctness command's megaprolong.train step, on the CPU in fp32 (there the resume is exact)."""
+    out = subprocess.run([device_python, str(REPO / "benchmarks" / "device_train_resume.py"), str(tmp_path),
+                          "--precision", "fp32"], capture_output=True, text=True, timeout=500, cwd=REPO,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO),
+                              "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and "TRAIN_RESUME_OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    assert re.search(r"resumed at step 4: said so, steps 5-12 loss within \S+ of the straight run's \(tolerance "
+                     r"1e-06\), \d+ s ok", out.stdout), out.stdout
 
 
 def test_benchmark_warm_up_and_timed_backward_are_separate_graphs():

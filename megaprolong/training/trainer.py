@@ -554,4 +554,7 @@ def run(cfg: Config, make_dataset, log=print, stop: StopRequest | None = None,
         if queue:
             queue.close()
         metrics.close()
+    # Every group ended before the interpreter exits (a live NCCL communicator at exit warns and can hold the
+    # exit up); the device check's runs end the same way.
+    dist.destroy_process_group()
     return history
