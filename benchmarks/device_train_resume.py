@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -55,13 +56,13 @@ def main() -> None:
     output, resumed_s = train(resumed, data, a.precision)
     want, got = losses(straight), losses(resumed)
     resumed_from = f"resumed from {resumed / 'ckpt' / f'step_{RESUME_AT:08d}'} at step {RESUME_AT}"
-    worst = max(abs(g - w) / abs(w) for (_, g), (_, w) in zip(got[RESUME_AT:], want[RESUME_AT:]))
+    worst = max((abs(g - w) / abs(w) for (_, g), (_, w) in zip(got[RESUME_AT:], want[RESUME_AT:])), default=math.inf)
     ok = (resumed_from in output and [s for s, _ in got] == [s for s, _ in want] == list(range(1, STEPS + 1))
           and got[:RESUME_AT] == want[:RESUME_AT] and worst <= TOLERANCE[a.precision])
     print(f"RESULT megaprolong.train ({a.precision}, {STEPS} steps, checkpoints every {INTERVAL}): straight run "
           f"{straight_s:.0f} s; resumed at step {RESUME_AT}: {'said so' if resumed_from in output else 'NOT SAID'}, "
-          f"steps 5-{STEPS} loss within {worst:.1e} of the straight run's (tolerance {TOLERANCE[a.precision]:.0e}), "
-          f"{resumed_s:.0f} s {'ok' if ok else 'MISMATCH'}", flush=True)
+          f"steps {RESUME_AT + 1}-{STEPS} loss within {worst:.1e} of the straight run's "
+          f"(tolerance {TOLERANCE[a.precision]:.0e}), {resumed_s:.0f} s {'ok' if ok else 'MISMATCH'}", flush=True)
     if not ok:
         print(f"straight {want}\nresumed  {got}")
         sys.exit(1)

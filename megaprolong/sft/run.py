@@ -4,12 +4,14 @@ wires the recipe into it: data, schedule, precision, attention kernel, metrics, 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
 import shutil
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -410,9 +412,6 @@ def release_wrapped_model(trainer: Any) -> None:
     held, joining gloo's worker threads, one of which may still need the GIL to release a finished
     collective's tensors. That deadlock (torch 2.11: a rank hung at exit after a preemption's checkpoint, in
     about 1 of 4 runs) held the node until the batch shell's requeue deadline."""
-    import gc
-    import weakref
-
     wrapped = weakref.ref(trainer.model_wrapped)
     trainer.model_wrapped = trainer.model  # the only holder of the DDP module (accelerate keeps the bare model)
     gc.collect()

@@ -554,7 +554,7 @@ def run(cfg: Config, make_dataset, log=print, stop: StopRequest | None = None,
         if queue:
             queue.close()
         metrics.close()
-    # Every group ended before the interpreter exits (a live NCCL communicator at exit warns and can hold the
-    # exit up); the device check's runs end the same way.
+    # Every group ended before the interpreter exits: a live NCCL communicator at exit warns and can hold the
+    # exit up (the workers and benchmarks that build a Trainer themselves end the same way).
     dist.destroy_process_group()
     return history
