@@ -101,7 +101,10 @@ def test_no_host_transfer_inside_layers_with_the_varlen_implementation():
 
     register()
     model = tiny_llama(NAME)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23; the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     prepare_per_batch(model)
     state = {"inside": 0, "calls": []}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from megaprolong.config import ConfigError
+from megaprolong.runtime.files import out_folder_problem, whole_folder
 from megaprolong.runtime.log import get_logger
 
 
@@ -38,10 +38,8 @@ def validate(cfg: EvalConfig) -> None:
     problems = []
     if not cfg.model or not os.path.isdir(cfg.model):
         problems.append(f"--model {cfg.model}: not an HF model folder")
-    if not cfg.out:
-        problems.append("--out is required")
-    elif os.path.exists(cfg.out) and not cfg.force:
-        problems.append(f"--out {cfg.out} exists (pass --force to overwrite)")
+    if problem := out_folder_problem(cfg.out, cfg.force):
+        problems.append(problem)
     unknown = [t for t in cfg.tasks if t not in TASKS and t != "ppl"]
     if unknown:
         problems.append(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}, ppl")
@@ -165,17 +163,11 @@ def _plots(results: dict, out: Path) -> list[Path]:
 
 
 def _write(out: Path, results: dict, predictions: list[dict], force: bool) -> None:
-    """Everything into OUT.tmp, then renamed: a run is either all there or not at all."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "results.json").write_text(json.dumps(results, indent=2))
-    (tmp / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
-    (tmp / "table.txt").write_text(table(results) + "\n")
-    _plots(results, tmp)
-    if out.exists() and force:
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with whole_folder(out, replace=force) as tmp:
+        (tmp / "results.json").write_text(json.dumps(results, indent=2))
+        (tmp / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+        (tmp / "table.txt").write_text(table(results) + "\n")
+        _plots(results, tmp)
 
 
 def load_results(run: str) -> dict:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from megaprolong.config import ConfigError
+from megaprolong.runtime.files import out_folder_problem, whole_folder
 
 # ProLong's five short-context tasks with the Open LLM Leaderboard's shot counts (change with --shots).
 PROLONG_TASKS = {"hellaswag": 10, "mmlu": 5, "arc_challenge": 25, "winogrande": 5, "gsm8k": 5}
@@ -69,10 +69,8 @@ def validate(cfg: ShortConfig) -> None:
     problems = []
     if not cfg.model or not os.path.isdir(cfg.model):
         problems.append(f"--model {cfg.model}: not an HF model folder")
-    if not cfg.out:
-        problems.append("--out is required")
-    elif os.path.exists(cfg.out) and not cfg.force:
-        problems.append(f"--out {cfg.out} exists (pass --force to overwrite)")
+    if problem := out_folder_problem(cfg.out, cfg.force):
+        problems.append(problem)
     if cfg.include_path and not os.path.isdir(cfg.include_path):
         problems.append(f"--include-path {cfg.include_path}: not a folder")
     if cfg.data_dir and not os.path.isdir(cfg.data_dir):
@@ -205,13 +203,7 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def _write(out: Path, results: dict, force: bool) -> None:
-    """Everything into OUT.tmp, then renamed: a run is either all there or not at all."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
-    (tmp / "table.txt").write_text(table(results) + "\n")
-    _plot(results, tmp / "short.png")
-    if out.exists() and force:
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with whole_folder(out, replace=force) as tmp:
+        (tmp / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
+        (tmp / "table.txt").write_text(table(results) + "\n")
+        _plot(results, tmp / "short.png")

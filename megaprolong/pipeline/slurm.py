@@ -18,6 +18,7 @@ from pathlib import Path
 
 from megaprolong.config import ConfigError
 from megaprolong.pipeline.steps import REPO, Pipeline, Step
+from megaprolong.runtime.files import replace_text
 
 RECORD = "pipeline.json"
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "SUSPENDED", "RESIZING"}
@@ -33,9 +34,7 @@ def _record(pipe: Pipeline) -> dict:
 
 def _save(pipe: Pipeline, record: dict) -> None:
     pipe.root.mkdir(parents=True, exist_ok=True)
-    tmp = pipe.root / f".{RECORD}.{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, pipe.root / RECORD)
+    replace_text(pipe.root / RECORD, json.dumps(record, indent=2))
 
 
 def job_state(job: str) -> tuple[str, str]:

@@ -28,6 +28,8 @@ import os
 import sys
 from pathlib import Path
 
+from megaprolong.runtime.files import replace_text
+
 PROGRESS = "progress.json"
 FATAL_EXIT = 2  # bad input: not retried
 REPEATED_EXIT = 3  # the same step failed twice: not retried
@@ -56,9 +58,7 @@ def read(folder: str | Path) -> dict:
 
 def _write(folder: Path, record: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{PROGRESS}.{os.getpid()}"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, folder / PROGRESS)
+    replace_text(folder / PROGRESS, json.dumps(record))
 
 
 def _update(folder: Path, **changes) -> dict:

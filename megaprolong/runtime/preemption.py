@@ -36,6 +36,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from megaprolong.runtime.files import replace_text
+
 STOP = "STOP"
 STOP_FLAG_WAIT_S = 2.0
 
@@ -59,10 +61,7 @@ def stop_flag(folder: str | Path | None) -> dict | None:
 
 
 def write_stop_flag(folder: str | Path, reason: str) -> None:
-    path = Path(folder) / STOP
-    tmp = path.with_name(f".{STOP}.{os.getpid()}")
-    tmp.write_text(json.dumps({"run": launch_id(), "reason": reason, "time": time.time()}))
-    os.replace(tmp, path)
+    replace_text(Path(folder) / STOP, json.dumps({"run": launch_id(), "reason": reason, "time": time.time()}))
 
 
 def remove_stale_stop_flag(folder: str | Path | None) -> None:

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megaprolong.runtime.files import replace_text
 from megaprolong.runtime.attempts import run_id
 
 LOCK = "run.lock"
@@ -144,9 +145,7 @@ class RunLock:
                 return
             if previous.run != me.run:
                 say(f"taking over the lock of {folder} from {previous.describe()}, which is gone")
-            tmp = self.path.with_name(f".{LOCK}.{os.getpid()}")
-            tmp.write_text(json.dumps(asdict(me)))
-            os.replace(tmp, self.path)
+            replace_text(self.path, json.dumps(asdict(me)))
             return
         raise FolderInUse(f"{folder}: could not take its lock {self.path} (another launch keeps taking it)")
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from megaprolong.runtime.files import replace_text
 from megaprolong.runtime.log import get_logger
 from megaprolong.sft.config import SFTConfig, gradient_accumulation
 from megaprolong.training import manifest
@@ -175,9 +176,7 @@ def _completion_callback() -> Any:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             files = _gathered(manifest.hash_share(folder, *_world(), exclude=(COMPLETE,)))
             if state.is_world_process_zero:
-                tmp = folder / f".{COMPLETE}.tmp"
-                tmp.write_text(json.dumps({"step": state.global_step, "files": files}))
-                os.replace(tmp, folder / COMPLETE)
+                replace_text(folder / COMPLETE, json.dumps({"step": state.global_step, "files": files}))
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
 

@@ -21,6 +21,8 @@ from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
+from megaprolong.runtime.files import replace_text
+
 WANDB_ID = "wandb_run_id"
 
 
@@ -48,9 +50,7 @@ def keep_rows_up_to(path: Path, step: int) -> None:
             continue
         if row.get("step") is not None and row["step"] <= step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    replace_text(path, "".join(line + "\n" for line in kept))
 
 
 def duration(seconds: float) -> str:
