@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from megaprolong.convert.hf import ConversionError, HFCheckpoint, conversion_rules, hf_config, model_config_from_hf
 from megaprolong.model.config import ModelConfig
+from megaprolong.runtime.files import whole_folder
 
 SHARD_BYTES = 1 << 30  # HF shard size: also the most that mcore-to-hf holds of the output
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -48,19 +49,11 @@ def _single_rank_model(m: ModelConfig, dtype: torch.dtype = torch.float32, meta:
     return model.to(device()).eval()
 
 
-def _prepare_out(out: str | Path, force: bool) -> tuple[Path, Path]:
+def _checked_out(out: str | Path, force: bool) -> Path:
     out = Path(out)
     if out.exists() and not force:
         raise ConversionError(f"{out} exists (use --force to replace it)")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return out, tmp
-
-
-def _finish(tmp: Path, out: Path) -> None:
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    return out
 
 
 def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, rope_base: float | None = None,
@@ -76,8 +69,8 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, rope_base: floa
         m.rope_base = float(rope_base)
     m.vocab_multiple = vocab_multiple or (1 if m.vocab_size % tp == 0 else 128)
     _check_layout(m, tp, pp)
-    out_path, tmp = _prepare_out(out, force)
-    try:
+    out_path = _checked_out(out, force)
+    with whole_folder(out_path, replace=force) as tmp:
         # the checkpoint's own dtype: exact, and a bf16 8B model is 16 GB, not 32
         dtype = getattr(torch, hf.config.get("torch_dtype") or hf.config.get("dtype") or "float32")
         model = _single_rank_model(m, dtype, meta=True)
@@ -96,9 +89,6 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, rope_base: floa
         meta = {"step": 0, "weights_only": True, "rope_base": m.rope_base, "source": str(hf_dir),
                 "config": {"model": asdict(m)}, "layout": None}
         (step_dir / "megaprolong.json").write_text(json.dumps(meta, indent=2))
-        _finish(tmp, out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_path / "step_00000000"
 
 
@@ -167,8 +157,8 @@ def mcore_to_hf(ckpt: str, out: str, tokenizer: str | None = None, dtype: str | 
     m = ModelConfig(**meta["config"]["model"])
     m.rope_base = float(meta["rope_base"])
     max_len = meta["config"].get("train", {}).get("seq_length", m.max_position_embeddings)
-    out_path, tmp = _prepare_out(out, force)
-    try:
+    out_path = _checked_out(out, force)
+    with whole_folder(out_path, replace=force) as tmp:
         # read a layer at a time; loading casts the saved tensors to the output dtype
         reader = TensorReader(_single_rank_model(m, getattr(torch, dtype), meta=True), step)
         shards = _SafetensorsShards(tmp, max_shard_bytes)
@@ -182,9 +172,6 @@ def mcore_to_hf(ckpt: str, out: str, tokenizer: str | None = None, dtype: str | 
         if tokenizer:
             _copy_tokenizer(Path(tokenizer), tmp, generation)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        _finish(tmp, out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_path
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from megaprolong.runtime.files import replace_text
+
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 # Llama-3's chat tokens, so the SFT stage's chat template works on the tiny tokenizer as on the real one.
 CHAT_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -71,11 +73,7 @@ def synthetic_chats(n: int = 200, seed: int = 0) -> list[dict]:
 
 def write_jsonl(docs: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for d in docs:
-            f.write(json.dumps(d) + "\n")
-    tmp.replace(path)
+    replace_text(path, "".join(json.dumps(d) + "\n" for d in docs))
     return path
 
 

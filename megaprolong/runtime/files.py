@@ -33,10 +33,10 @@ def out_folder_problem(out: str | None, force: bool) -> str | None:
 
 @contextmanager
 def whole_folder(out: Path, replace: bool) -> Iterator[Path]:
-    """Yields ``OUT.tmp`` to fill; when the block ends without an error it becomes ``out`` (replacing an
-    existing one only if ``replace``), so that a run's folder is either all there or not at all. On an error
-    the temporary folder goes and ``out`` stays as it was."""
-    tmp = out.with_name(out.name + ".tmp")
+    """Yields ``.OUT.tmp`` (beside ``out``) to fill; when the block ends without an error it becomes ``out``
+    (replacing an existing one only if ``replace``), so that an output folder is either all there or not at
+    all. On an error the temporary folder goes and ``out`` stays as it was."""
+    tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -23,8 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from megaprolong.runtime.files import replace_text
 from megaprolong.runtime.attempts import run_id
+from megaprolong.runtime.files import replace_text
 
 LOCK = "run.lock"
 STALE_AFTER_S = 300.0  # no refresh for this long: the owner is gone (when Slurm cannot say)
